@@ -1,0 +1,100 @@
+"""Training batch streams shared by every recipe.
+
+Both loaders yield, for each optimizer step, `grad_accum` micro-batches for this rank:
+dicts with `voxels` (float32 [m, V], one repeat drawn at random per sample and epoch),
+`image_ids` and `labels`. Both restart exactly from any step, so `--resume` replays the
+batches an uninterrupted run would have seen.
+
+- MemoryLoader (default): the split lives in memory; each epoch draws one global
+  permutation from (seed, epoch) and rank r takes slice r of every global micro-batch.
+  The global batch sequence does not depend on the number of ranks, so 1 rank and
+  N ranks see the same data.
+- StreamLoader: webdataset streaming with shard shuffling and per-node and per-worker
+  splitting, for splits too large for memory. Its order depends on the number of ranks
+  and workers; resuming replays the stream up to the saved step.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from data.splits import SplitArrays
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0]))
+
+
+class MemoryLoader:
+    def __init__(self, split: SplitArrays, batch_size: int, grad_accum: int, rank: int, world: int, seed: int):
+        if batch_size % (grad_accum * world):
+            raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
+        self.split, self.batch_size, self.grad_accum, self.rank, self.world, self.seed = split, batch_size, grad_accum, rank, world, seed
+        self.micro = batch_size // (grad_accum * world)
+        self.steps_per_epoch = len(split) // batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"train.batch_size={batch_size} exceeds the {len(split)} training samples")
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict]]:
+        g = _epoch_generator(self.seed, epoch)
+        order = torch.randperm(len(self.split), generator=g)
+        repeat = (torch.rand(len(self.split), generator=g) * self.split.n_repeats).long()
+        for step in range(start_step, self.steps_per_epoch):
+            micro_batches = []
+            for a in range(self.grad_accum):
+                start = step * self.batch_size + (a * self.world + self.rank) * self.micro
+                idx = order[start : start + self.micro]
+                micro_batches.append({
+                    "voxels": self.split.voxels[idx, repeat[idx]].float(),
+                    "image_ids": self.split.image_ids[idx],
+                    "labels": self.split.labels[idx],
+                })
+            yield micro_batches
+
+
+def _stream_collate(seed: int):
+    def collate(samples: list[dict]) -> dict:
+        voxels = []
+        for s in samples:
+            r = np.random.default_rng([seed, int(s["image_id"]), s["epoch"]]).integers(len(s["voxels"]))
+            voxels.append(torch.as_tensor(s["voxels"])[r].float())
+        return {"voxels": torch.stack(voxels), "image_ids": torch.tensor([int(s["image_id"]) for s in samples]),
+                "labels": torch.stack([torch.as_tensor(s["labels"]) for s in samples])}
+    return collate
+
+
+class StreamLoader:
+    def __init__(self, dataset, n_samples: int, batch_size: int, grad_accum: int, world: int, seed: int, num_workers: int):
+        if batch_size % (grad_accum * world):
+            raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
+        self.dataset, self.grad_accum, self.seed, self.num_workers = dataset, grad_accum, seed, num_workers
+        self.micro = batch_size // (grad_accum * world)
+        self.steps_per_epoch = n_samples // batch_size
+        self._stream: Iterator[dict] | None = None
+        self._position = 0  # micro-batches consumed
+
+    def _micro_batches(self) -> Iterator[dict]:
+        def passes():
+            for epoch in itertools.count():  # each pass reshuffles the shards; ranks never run dry together
+                loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
+                yield from ({**s, "epoch": epoch} for s in loader)
+        it = iter(passes())
+        collate = _stream_collate(self.seed)
+        while True:
+            yield collate(list(itertools.islice(it, self.micro)))
+
+    def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict]]:
+        target = (epoch * self.steps_per_epoch + start_step) * self.grad_accum
+        if self._stream is None or self._position > target:
+            self._stream, self._position = self._micro_batches(), 0
+        for _ in range(target - self._position):  # replay up to the resume point
+            next(self._stream)
+        self._position = target
+        for _ in range(start_step, self.steps_per_epoch):
+            batch = [next(self._stream) for _ in range(self.grad_accum)]
+            self._position += self.grad_accum
+            yield batch

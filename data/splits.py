@@ -1,0 +1,93 @@
+"""Reading one subject's split from shards, whole (into memory) or streamed."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import webdataset as wds
+
+from data.shards import DataError, decode_sample, split_shards, verify_shard
+
+
+def _all_shards(urls):
+    return urls
+
+
+def _decoder(n_voxels: int, with_images: bool):
+    def decode(fields: dict) -> dict:
+        sample = decode_sample(fields, fields.get("__url__", "?"), n_voxels)
+        if not with_images:
+            sample.pop("image_png")
+        return sample
+    return decode
+
+
+def shard_urls(root: Path, manifest: dict, subject: int, split: str, verify: bool) -> list[str]:
+    paths = split_shards(root, manifest, subject, split)
+    for p in paths:
+        if verify:
+            verify_shard(root, manifest, p)
+        elif not p.is_file():
+            raise DataError(f"{p}: shard listed in the manifest is missing")
+    return [str(p) for p in paths]
+
+
+def iter_split(root: Path, manifest: dict, subject: int, split: str, with_images: bool = False,
+               verify: bool = True) -> Iterator[dict]:
+    """Every sample of the split in shard order (no node or worker splitting)."""
+    urls = shard_urls(root, manifest, subject, split, verify)
+    n_voxels = manifest["subjects"][str(subject)]["n_voxels"]
+    ds = wds.WebDataset(urls, shardshuffle=False, nodesplitter=_all_shards, workersplitter=_all_shards, empty_check=False)
+    return map(_decoder(n_voxels, with_images), ds)
+
+
+def stream_split(root: Path, manifest: dict, subject: int, split: str, seed: int, shuffle_buffer: int,
+                 verify: bool = True) -> wds.WebDataset:
+    """An endless-epoch webdataset over the split for data too large for memory.
+
+    Shards are shuffled deterministically (seed, epoch), split across nodes (ranks) and
+    across DataLoader workers, then samples pass through a shuffle buffer. Every rank
+    needs at least one shard per worker.
+    """
+    urls = shard_urls(root, manifest, subject, split, verify)
+    n_voxels = manifest["subjects"][str(subject)]["n_voxels"]
+    ds = wds.WebDataset(urls, shardshuffle=len(urls), detshuffle=True, seed=seed,
+                        nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
+    return ds.map(_decoder(n_voxels, False)).shuffle(shuffle_buffer)
+
+
+@dataclass
+class SplitArrays:
+    """A whole split in memory. Voxel repeats beyond a sample's count are zero."""
+
+    voxels: torch.Tensor  # float16 [N, R, V]
+    n_repeats: torch.Tensor  # int64 [N]
+    image_ids: torch.Tensor  # int64 [N]
+    labels: torch.Tensor  # float32 [N, C]
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def repeat_mean(self) -> torch.Tensor:
+        """Voxels averaged over each sample's repeats: float32 [N, V]."""
+        return self.voxels.float().sum(1) / self.n_repeats[:, None].float()
+
+
+def load_split(root: Path, manifest: dict, subject: int, split: str, verify: bool = True) -> SplitArrays:
+    samples = list(iter_split(root, manifest, subject, split, verify=verify))
+    if not samples:
+        raise DataError(f"{root}: subject {subject} split {split!r} has no samples")
+    r_max = max(s["voxels"].shape[0] for s in samples)
+    v = samples[0]["voxels"].shape[1]
+    voxels = np.zeros((len(samples), r_max, v), np.float16)
+    for i, s in enumerate(samples):
+        voxels[i, : len(s["voxels"])] = s["voxels"]
+    return SplitArrays(
+        torch.from_numpy(voxels),
+        torch.tensor([len(s["voxels"]) for s in samples]),
+        torch.tensor([s["image_id"] for s in samples]),
+        torch.from_numpy(np.stack([s["labels"] for s in samples])),
+    )

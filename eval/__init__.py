@@ -1,0 +1,1 @@
+"""Evaluation: pure metric functions on tensors (eval.metrics)."""

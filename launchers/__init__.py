@@ -1,0 +1,1 @@
+"""Cluster submission (Slurm through submitit)."""

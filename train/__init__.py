@@ -1,0 +1,1 @@
+"""One small engine over DeepSpeed and a recipe per method."""

@@ -1,0 +1,205 @@
+"""The one training engine: DeepSpeed setup, the step loop, logging, checkpoints, resume.
+
+A recipe supplies the model, the batch stream, the loss of a micro-batch and an
+evaluation; everything else (optimizer, schedule, precision, sharding, accumulation,
+clipping, tensorboard, progress bar, checkpoints, exact resume) lives here once.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Protocol
+
+import deepspeed
+import numpy as np
+import torch
+from deepspeed.accelerator import get_accelerator
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from data.shards import atomic_write_text
+from train import distributed
+from train.config import ConfigError, to_yaml
+
+ENGINE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
+
+
+class Recipe(Protocol):
+    model: torch.nn.Module
+    loader: object  # MemoryLoader or StreamLoader: `steps_per_epoch`, `epoch(epoch, start_step)`
+
+    def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def evaluate(self, engine, split: str) -> dict[str, float]: ...
+
+
+def deepspeed_config(path: Path, cfg: DictConfig, world: int) -> dict:
+    """The DeepSpeed JSON with `ds.*` overrides merged and the batch keys derived from `train.*`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: DeepSpeed config not found (--ds_config)")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    overrides = OmegaConf.to_container(cfg.ds)
+    for key in ENGINE_KEYS:
+        if key in overrides or key in ds:
+            raise ConfigError(f"{path}: {key} is derived from train.batch_size, train.grad_accum and train.grad_clip; set those instead")
+    ds = OmegaConf.to_container(OmegaConf.merge(ds, overrides))
+    t = cfg.train
+    if t.batch_size % (t.grad_accum * world):
+        raise ConfigError(f"train.batch_size={t.batch_size} is not divisible by train.grad_accum x ranks = {t.grad_accum * world}")
+    ds.update(train_batch_size=t.batch_size, train_micro_batch_size_per_gpu=t.batch_size // (t.grad_accum * world),
+              gradient_accumulation_steps=t.grad_accum, gradient_clipping=t.grad_clip)
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    ds.setdefault("steps_per_print", 1 << 30)
+    return ds
+
+
+def _optimizer(model: torch.nn.Module, cfg: DictConfig, ds: dict):
+    """AdamW, no weight decay on biases and norm weights (every parameter with fewer than 2 dims)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+    if offload in ("cpu", "nvme"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=cfg.train.lr)
+
+
+def _one_cycle(cfg: DictConfig, total_steps: int):
+    pct = cfg.train.pct_start if cfg.train.pct_start is not None else min(0.5, 2 / cfg.train.epochs)
+
+    def make(optimizer):
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=total_steps,
+                                                   pct_start=pct, final_div_factor=cfg.train.final_div_factor)
+    return make
+
+
+def step_seed(seed: int, step: int, rank: int) -> int:
+    """Per-step RNG seed: dropout and mixing depend only on (seed, step, rank), so resume is exact."""
+    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) -> None:
+    latest = run_dir / "checkpoints" / "latest"
+    if resume and not latest.is_file():
+        raise FileNotFoundError(f"{latest}: no checkpoint to resume from (drop --resume to start a new run)")
+    if not resume and latest.is_file() and not overwrite:
+        raise FileExistsError(f"{run_dir}: already holds a checkpoint; pass --resume to continue it or --overwrite to replace it")
+    distributed.barrier()
+    if rank == 0 and overwrite and not resume:
+        for p in (run_dir / "checkpoints", run_dir / "tensorboard"):
+            shutil.rmtree(p, ignore_errors=True)
+        for p in (run_dir / "metrics.jsonl", run_dir / "test_results.json"):
+            p.unlink(missing_ok=True)
+    distributed.barrier()
+
+
+class MetricLog:
+    """metrics.jsonl and tensorboard, written by rank 0; resuming drops records past the checkpoint."""
+
+    def __init__(self, run_dir: Path, start_step: int, enabled: bool):
+        self.enabled, self.path = enabled, run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        if self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= start_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
+        self.file = open(self.path, "a")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step)
+
+    def write(self, step: int, prefix: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"step": step, "split": prefix, **values}) + "\n")
+        self.file.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            self.tb.close()
+
+
+def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False, overwrite: bool = False) -> dict | None:
+    """Train `cfg` with its recipe; returns the test metrics (on every rank)."""
+    rank, local_rank, world = distributed.init()
+    run_dir = Path(cfg.run_dir)
+    _prepare_run_dir(run_dir, resume, overwrite, rank)
+    ds = deepspeed_config(ds_config_path, cfg, world)
+    device = torch.device(get_accelerator().device_name(local_rank))
+    torch.manual_seed(cfg.seed)
+    recipe = recipe_cls(cfg, rank, world, device)
+    spe = recipe.loader.steps_per_epoch
+    total = cfg.train.epochs * spe
+    last = min(total, cfg.train.max_steps or total)
+    engine, *_ = deepspeed.initialize(model=recipe.model, optimizer=_optimizer(recipe.model, cfg, ds),
+                                      lr_scheduler=_one_cycle(cfg, total), config=ds)
+    ckpt_dir = run_dir / "checkpoints"
+    step = 0
+    if resume:
+        _, client = engine.load_checkpoint(str(ckpt_dir))
+        step = client["step"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
+        atomic_write_text(run_dir / "ds_config.json", json.dumps(ds, indent=1))
+    log = MetricLog(run_dir, step, rank == 0)
+
+    def save() -> None:
+        tag = f"step{step:08d}"
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": to_yaml(cfg)})
+        if rank == 0:
+            atomic_write_text(ckpt_dir / tag / "config.yaml", to_yaml(cfg))
+
+    def validate() -> None:
+        engine.eval()
+        log.write(step, "val", recipe.evaluate(engine, "val"))
+        engine.train()
+
+    bar = tqdm(total=last, initial=step, desc=f"{cfg.recipe} training", disable=rank != 0, dynamic_ncols=True)
+    engine.train()
+    while step < last:
+        epoch, in_epoch = divmod(step, spe)
+        for micro_batches in recipe.loader.epoch(epoch, in_epoch):
+            t0 = time.perf_counter()
+            torch.manual_seed(step_seed(cfg.seed, step, rank))
+            parts: dict[str, float] = {}
+            for micro, batch in enumerate(micro_batches):
+                loss, values = recipe.loss(engine, {**batch, "micro": micro}, step, epoch)
+                engine.backward(loss)
+                engine.step()
+                for k, v in values.items():
+                    parts[k] = parts.get(k, 0.0) + v / len(micro_batches)
+            step += 1
+            if step % cfg.train.log_every == 0 or step == last:
+                lr = engine.get_lr()[0]
+                log.write(step, "train", {**parts, "lr": lr, "samples_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})
+                bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
+            bar.update()
+            end_of_epoch = step % spe == 0
+            if (cfg.train.val_every and step % cfg.train.val_every == 0) or (not cfg.train.val_every and end_of_epoch):
+                validate()
+            if step % cfg.train.checkpoint_every == 0 and step < last:
+                save()
+            if step >= last:
+                break
+    bar.close()
+    save()
+    engine.eval()
+    results = recipe.evaluate(engine, "test")
+    log.write(step, "test", results)
+    log.close()
+    if rank == 0:
+        text = json.dumps({"step": step, "split": "test", **results}, indent=1)
+        atomic_write_text(run_dir / "test_results.json", text)
+        print(f"test results (step {step}) written to {run_dir / 'test_results.json'}:\n{text}", flush=True)
+    distributed.barrier()
+    return results

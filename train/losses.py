@@ -1,0 +1,57 @@
+"""MindEye's contrastive losses: BiMixCo (with voxel mixing) and SoftCLIP.
+
+Both take predictions and targets of the whole global batch, flattened per sample and
+L2-normalised inside; every rank computes the same value.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    return -(target_probs * logits.log_softmax(-1)).sum(-1).mean()
+
+
+def _flat_norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.flatten(1).float(), dim=-1)
+
+
+def mix_voxels(voxels: torch.Tensor, rng: np.random.Generator, prob: float = 0.5, alpha: float = 0.15):
+    """MixCo voxel mixing: x_i <- b_i x_i + (1 - b_i) x_perm(i) for a random half of the batch.
+
+    Returns (mixed voxels, perm, betas), betas = 1 where a sample is not mixed.
+    """
+    n = len(voxels)
+    perm = torch.from_numpy(rng.permutation(n))
+    betas = torch.from_numpy(rng.beta(alpha, alpha, n)).to(voxels.dtype)
+    betas[torch.from_numpy(rng.random(n) >= prob)] = 1.0
+    b = betas.to(voxels.device)[:, None]
+    return b * voxels + (1 - b) * voxels[perm.to(voxels.device)], perm, betas
+
+
+def bimixco(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, betas: torch.Tensor, tau: float = 0.006) -> torch.Tensor:
+    """Bidirectional MixCo loss with soft targets P = diag(b); P[i, perm(i)] += 1 - b_i."""
+    logits = _flat_norm(pred) @ _flat_norm(target).T / tau
+    n = len(logits)
+    probs = torch.diag(betas.float()).to(logits.device)
+    probs[torch.arange(n), perm.to(logits.device)] += 1 - betas.float().to(logits.device)
+    return 0.5 * (soft_cross_entropy(logits, probs) + soft_cross_entropy(logits.T, probs.T))
+
+
+def soft_clip(pred: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
+    """SoftCLIP: the brain-to-image similarities learn the image-to-image similarity distribution."""
+    p, t = _flat_norm(pred), _flat_norm(target)
+    teacher = (t @ t.T / tau).softmax(-1)
+    student = p @ t.T / tau
+    return 0.5 * (soft_cross_entropy(student, teacher) + soft_cross_entropy(student.T, teacher.T))
+
+
+def cosine_anneal(start: float, end: float, n: int) -> list[float]:
+    """n values from `start` to `end` along half a cosine."""
+    if n <= 1:
+        return [start] * max(n, 0)
+    return [end + (start - end) / 2 * (1 + math.cos(math.pi * i / (n - 1))) for i in range(n)]

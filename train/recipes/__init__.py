@@ -1,0 +1,1 @@
+"""One module per method; each exposes `Config` (its config schema) and `Recipe`."""
