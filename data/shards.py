@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data.files import read_json
+
 MANIFEST = "manifest.json"
 FORMAT = "fmri-shards/1"
 
@@ -46,12 +48,6 @@ def sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -130,12 +126,7 @@ class ShardWriter:
 
 def load_manifest(root: Path) -> dict:
     path = Path(root) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"{path}: no manifest (is this a converted dataset folder?)")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}: not valid JSON ({e})") from None
+    manifest = read_json(path, DataError, "no manifest (is this a converted dataset folder?)")
     if manifest.get("format") != FORMAT:
         raise DataError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest

@@ -56,7 +56,7 @@ def stream_split(root: Path, manifest: dict, subject: int, split: str, seed: int
     n_voxels = manifest["subjects"][str(subject)]["n_voxels"]
     ds = wds.WebDataset(urls, shardshuffle=len(urls), detshuffle=True, seed=seed,
                         nodesplitter=wds.split_by_node, workersplitter=wds.split_by_worker, empty_check=False)
-    return ds.map(_decoder(n_voxels, False)).shuffle(shuffle_buffer)
+    return ds.map(_decoder(n_voxels, False)).shuffle(shuffle_buffer, seed=seed)
 
 
 @dataclass

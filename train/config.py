@@ -87,7 +87,8 @@ def load(path: Path, overrides: list[str]) -> DictConfig:
         try:
             cfg = OmegaConf.merge(cfg, part)
         except OmegaConfBaseException as e:
-            raise ConfigError(f"{source}: {_first_line(e)}") from None
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"{source}: {key + ': ' if key else ''}{_first_line(e)}") from None
     return cfg
 
 

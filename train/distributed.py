@@ -1,6 +1,7 @@
 """Process-group setup and the collectives recipes use."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 
@@ -23,6 +24,8 @@ def init() -> tuple[int, int, int]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+    else:  # DeepSpeed's CPU ops build with torch's extension builder, which warns about CUDA_HOME
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo")
     return dist.get_rank(), local_rank, dist.get_world_size()

@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.shards import atomic_write_text
+from data.files import atomic_write_text, read_json
 from train import distributed
 from train.config import ConfigError, to_yaml
 
@@ -38,13 +38,7 @@ class Recipe(Protocol):
 
 def deepspeed_config(path: Path, cfg: DictConfig, world: int) -> dict:
     """The DeepSpeed JSON with `ds.*` overrides merged and the batch keys derived from `train.*`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: DeepSpeed config not found (--ds_config)")
-    try:
-        ds = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    ds = read_json(path, ConfigError, "DeepSpeed config not found (--ds_config)")
     overrides = OmegaConf.to_container(cfg.ds)
     for key in ENGINE_KEYS:
         if key in overrides or key in ds:

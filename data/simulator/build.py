@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.shards import FORMAT, MANIFEST, Sample, ShardWriter, atomic_write_text
+from data.files import atomic_write_text
+from data.shards import FORMAT, MANIFEST, Sample, ShardWriter
 from data.simulator import brain
 from data.simulator.scenes import CATEGORY_NAMES, draw_scene
 

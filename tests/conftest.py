@@ -1,0 +1,61 @@
+"""Shared fixtures: a small simulated dataset and helpers to launch training runs."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data.simulator.build import SimulatorConfig, build
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL_SIM = dict(seed=3, n_subjects=2, voxels=[300, 260], n_test=40, n_train=96, n_val=16, image_size=64)
+# Overrides giving a run of a few seconds on the small dataset.
+SMALL_RUN = [
+    *(f"data.simulator.{k}={json.dumps(v).replace(' ', '')}" for k, v in SMALL_SIM.items()),
+    "model.hidden=64", "model.proj_hidden=32", "train.batch_size=16", "train.epochs=4",
+    "clip.tiny.image_size=32", "clip.tiny.width=32", "clip.tiny.layers=1", "clip.tiny.heads=2", "clip.tiny.output_dim=16",
+]
+
+
+@pytest.fixture(scope="session")
+def small_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sim") / "small"
+    return build(SimulatorConfig(**SMALL_SIM, shard_max_bytes=40_000), root)
+
+
+@pytest.fixture
+def dataset_copy(small_dataset, tmp_path) -> Path:
+    """A private copy that a test may damage."""
+    return Path(shutil.copytree(small_dataset, tmp_path / "data"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(args: list[str], ranks: int = 1, cache: Path | None = None, wait: bool = True, timeout: int = 600):
+    """Run train/main.py in a subprocess: plain python for 1 rank, the deepspeed launcher otherwise."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if cache is not None:
+        env["FMRIDECODE_CACHE"] = str(cache)
+    if ranks == 1:
+        cmd = [sys.executable, "train/main.py", *args]
+    else:
+        deepspeed = str(Path(sys.executable).parent / "deepspeed")
+        cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/main.py", *args]
+    if not wait:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}

@@ -1,0 +1,66 @@
+"""Bad input gets a one-line error naming the file, and nothing is overwritten."""
+import json
+
+import numpy as np
+import pytest
+
+from data.shards import MANIFEST, DataError, Sample, ShardWriter, load_manifest
+from data.splits import load_split
+
+
+def _one_line(e: pytest.ExceptionInfo) -> str:
+    msg = str(e.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_shard(dataset_copy):
+    m = load_manifest(dataset_copy)
+    shard = dataset_copy / m["subjects"]["1"]["splits"]["train"]["shards"][0]
+    shard.unlink()
+    with pytest.raises(DataError) as e:
+        load_split(dataset_copy, m, 1, "train")
+    assert str(shard) in _one_line(e) and "missing" in str(e.value)
+
+
+def test_corrupt_shard(dataset_copy):
+    m = load_manifest(dataset_copy)
+    shard = dataset_copy / m["subjects"]["1"]["splits"]["test"]["shards"][0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError) as e:
+        load_split(dataset_copy, m, 1, "test")
+    assert str(shard) in _one_line(e) and "corrupt" in str(e.value)
+
+
+def test_voxel_count_disagreeing_with_manifest(dataset_copy):
+    m = json.loads((dataset_copy / MANIFEST).read_text())
+    m["subjects"]["1"]["n_voxels"] = 299
+    (dataset_copy / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(DataError) as e:
+        load_split(dataset_copy, load_manifest(dataset_copy), 1, "val")
+    assert "299" in _one_line(e) and "subj01/val" in str(e.value)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_nan_or_inf_voxels(tmp_path, bad):
+    voxels = np.zeros((3, 10), np.float32)
+    voxels[1, 4] = bad
+    writer = ShardWriter(tmp_path, "subj01/train")
+    writer.write(Sample(1, 7, voxels, np.zeros((8, 8, 3), np.uint8), np.zeros(20, np.float32), ["x"]))
+    shards = writer.close()
+    manifest = {"format": "fmri-shards/1", "shards": shards,
+                "subjects": {"1": {"n_voxels": 10, "splits": {"train": {"n_samples": 1, "shards": list(shards)}}}}}
+    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, load_manifest(tmp_path), 1, "train")
+    assert "subj01/train-000000.tar" in _one_line(e) and "s01_000007" in str(e.value) and "NaN or Inf" in str(e.value)
+
+
+def test_missing_or_foreign_manifest(tmp_path):
+    with pytest.raises(DataError, match="no manifest"):
+        load_manifest(tmp_path)
+    (tmp_path / MANIFEST).write_text("{not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        load_manifest(tmp_path)

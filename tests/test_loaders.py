@@ -1,0 +1,71 @@
+import torch
+
+from data.loaders import MemoryLoader, StreamLoader
+from data.shards import load_manifest
+from data.splits import SplitArrays, load_split, stream_split
+
+
+def _split(n=40, r=3, v=6) -> SplitArrays:
+    voxels = torch.arange(n * r * v, dtype=torch.float16).view(n, r, v) / 100
+    return SplitArrays(voxels, torch.full((n,), r), torch.arange(n) + 1000, torch.zeros(n, 20))
+
+
+def _steps(loader, epoch, start=0):
+    return [[b["image_ids"].tolist() for b in step] for step in loader.epoch(epoch, start)]
+
+
+def test_memory_loader_global_batches_do_not_depend_on_rank_count():
+    split = _split()
+    one = _steps(MemoryLoader(split, 8, 2, rank=0, world=1, seed=5), epoch=1)
+    two = [_steps(MemoryLoader(split, 8, 2, rank=r, world=2, seed=5), epoch=1) for r in range(2)]
+    assert len(one) == 5
+    for s in range(5):
+        for a in range(2):  # global micro-batch a of step s = rank 0's slice then rank 1's
+            assert one[s][a] == two[0][s][a] + two[1][s][a]
+    ids = [i for step in one for mb in step for i in mb]
+    assert sorted(ids) == list(range(1000, 1040))  # each sample once per epoch
+    assert _steps(MemoryLoader(split, 8, 2, 0, 1, 5), epoch=2) != one
+
+
+def test_memory_loader_resumes_mid_epoch_and_draws_one_repeat():
+    split = _split()
+    loader = MemoryLoader(split, 8, 1, 0, 1, seed=5)
+    full = list(loader.epoch(0))
+    resumed = list(loader.epoch(0, start_step=3))
+    for a, b in zip(full[3:], resumed):
+        assert torch.equal(a[0]["voxels"], b[0]["voxels"])
+    batch = full[0][0]
+    rows = batch["image_ids"] - 1000
+    assert all(any(torch.equal(batch["voxels"][i], split.voxels[r, k].float()) for k in range(3)) for i, r in enumerate(rows))
+    repeats = [[k for k in range(3) if torch.equal(b["voxels"][i], split.voxels[b["image_ids"][i] - 1000, k].float())][0]
+               for step in full for b in step for i in range(len(b["image_ids"]))]
+    assert set(repeats) == {0, 1, 2}
+
+
+def test_stream_loader_splits_shards_across_ranks(small_dataset, monkeypatch):
+    m = load_manifest(small_dataset)
+    n_shards = len(m["subjects"]["1"]["splits"]["train"]["shards"])
+    assert n_shards >= 2
+    seen = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        ds = stream_split(small_dataset, m, 1, "train", seed=0, shuffle_buffer=10)
+        seen.append({int(s["image_id"]) for s in ds})
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    assert seen[0] | seen[1] == set(load_split(small_dataset, m, 1, "train").image_ids.tolist())
+
+
+def test_stream_loader_batches_and_replays_on_resume(small_dataset, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    m = load_manifest(small_dataset)
+
+    def loader():
+        return StreamLoader(stream_split(small_dataset, m, 1, "train", 0, 10), 96, 16, 1, 1, seed=0, num_workers=0)
+
+    a = loader()
+    epoch0, epoch1 = _steps(a, 0), _steps(a, 1)
+    assert len(epoch0) == 6 and all(len(s[0]) == 16 for s in epoch0)
+    assert sorted(i for s in epoch0 for i in s[0]) == sorted(load_split(small_dataset, m, 1, "train").image_ids.tolist())
+    assert _steps(loader(), 1, start=2) == epoch1[2:]

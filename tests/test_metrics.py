@@ -1,0 +1,32 @@
+import torch
+
+from eval import metrics
+
+
+def test_retrieval_perfect_and_chance():
+    torch.manual_seed(0)
+    image = torch.randn(500, 4, 8)
+    perfect = metrics.retrieval(image + 0.01 * torch.randn_like(image), image, n_way=300, n_trials=30)
+    assert perfect["forward_top1"] == perfect["backward_top1"] == 100.0
+    assert perfect["n_way"] == 300 and perfect["n_full"] == 500
+    chance = metrics.retrieval(torch.randn(500, 32), image, n_way=300, n_trials=30)
+    assert chance["forward_top1"] < 3 and chance["backward_top1"] < 3
+    assert chance["forward_top1_ci95"] > 0
+
+
+def test_retrieval_directions_differ_as_defined():
+    # Brain 0 matches image 0 and image 1 is closer to brain 0 than brain 1 is: forward and backward differ.
+    image = torch.tensor([[1.0, 0.0], [0.8, 0.6]])
+    brain = torch.tensor([[1.0, 0.05], [0.0, 1.0]])
+    r = metrics.retrieval(brain, image, n_way=2, n_trials=1)
+    assert r["forward_top1_full"] == 100.0  # brain 0 -> image 0; brain 1 -> image 1
+    assert r["backward_top1_full"] == 50.0  # image 1 is closer to brain 0 than to brain 1
+
+
+def test_chunked_top1_matches_unchunked():
+    torch.manual_seed(1)
+    q, k = torch.randn(300, 16), torch.randn(300, 16)
+    full = metrics._top1_chunked(q, k, chunk=10_000)
+    assert torch.equal(full, metrics._top1_chunked(q, k, chunk=7))
+    sims = q @ k.T
+    assert torch.equal(full, sims.argmax(1) == torch.arange(300))

@@ -1,0 +1,67 @@
+"""End-to-end training runs: rank-count agreement, exact resume after SIGKILL, artefacts."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import SMALL_RUN, launch, train_losses
+
+# fp32, no dropout: the only difference between rank counts and ZeRO stages is the order of
+# floating-point reductions, so the first 20 losses agree to this relative tolerance.
+FP32_RTOL = 1e-4
+DETERMINISTIC = ["ds.bf16.enabled=false", "model.input_dropout=0", "model.block_dropout=0", "train.max_steps=20"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+def _ok(result) -> None:
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_first_20_losses_agree_across_rank_counts_and_zero_stages(cache, tmp_path):
+    runs = {"1 rank, ZeRO-2": (1, "zero2"), "2 ranks, ZeRO-2": (2, "zero2"), "2 ranks, ZeRO-3": (2, "zero3")}
+    losses = {}
+    for name, (ranks, zero) in runs.items():
+        run_dir = tmp_path / name.replace(" ", "").replace(",", "_")
+        _ok(launch(["--ds_config", f"ds_configs/{zero}.json", f"run_dir={run_dir}", *SMALL_RUN, *DETERMINISTIC], ranks, cache))
+        losses[name] = [train_losses(run_dir)[s] for s in range(1, 21)]
+    reference = losses.pop("1 rank, ZeRO-2")
+    assert len(set(reference)) > 15  # the losses move
+    for name, values in losses.items():
+        for step, (a, b) in enumerate(zip(reference, values), 1):
+            assert abs(a - b) <= FP32_RTOL * abs(a), f"{name}, step {step}: {b} vs {a}"
+
+
+def test_killed_run_resumes_with_the_same_losses(cache, tmp_path):
+    args = [*SMALL_RUN, "ds.bf16.enabled=false", "train.epochs=6", "train.checkpoint_every=5"]
+    _ok(launch([f"run_dir={tmp_path / 'straight'}", *args], cache=cache))
+    straight = train_losses(tmp_path / "straight")
+    assert len(straight) == 36
+
+    killed = tmp_path / "killed"
+    proc = launch([f"run_dir={killed}", *args], cache=cache, wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (killed / "metrics.jsonl").exists() and max(train_losses(killed), default=0) >= 17:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert max(train_losses(killed)) < 36
+    assert launch([f"run_dir={killed}", *args], cache=cache).returncode == 2  # refuses to overwrite
+    _ok(launch(["--resume", f"run_dir={killed}", *args], cache=cache))
+    assert train_losses(killed) == straight  # exact
+    results = [json.loads((d / "test_results.json").read_text()) for d in (tmp_path / "straight", killed)]
+    assert results[0] == results[1]
+    ckpt = killed / "checkpoints"
+    assert (ckpt / "latest").read_text().strip() == "step00000036"
+    assert "run_dir:" in (ckpt / "step00000036" / "config.yaml").read_text()
+    assert list((killed / "tensorboard").iterdir())
