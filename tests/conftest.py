@@ -43,7 +43,10 @@ def free_port() -> int:
 
 def launch(args: list[str], ranks: int = 1, cache: Path | None = None, wait: bool = True, timeout: int = 600):
     """Run train/main.py in a subprocess: plain python for 1 rank, the deepspeed launcher otherwise."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # Drop any process-group variables an in-process run left behind in this interpreter.
+    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if cache is not None:
         env["FMRIDECODE_CACHE"] = str(cache)
     if ranks == 1:

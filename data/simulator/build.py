@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import shutil
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,15 +36,53 @@ class SimulatorConfig:
     shard_max_bytes: int = 1 << 30
 
 
-def _draw_images(rng: np.random.Generator, n: int, size: int, desc: str):
-    scenes = [draw_scene(rng, size) for _ in tqdm(range(n), desc=desc, leave=False, mininterval=2)]
+def _draw_images(rng: np.random.Generator, n: int, size: int):
+    scenes = [draw_scene(rng, size) for _ in range(n)]
     return (np.stack([s.image for s in scenes]), np.stack([s.labels for s in scenes]), [s.caption for s in scenes])
 
 
-def build(cfg: SimulatorConfig, out: Path) -> Path:
+def _simulate_subject(cfg: SimulatorConfig, s: int, model_seed: int, trial_seed: np.random.SeedSequence,
+                      semantic: np.ndarray, test, test_features: np.ndarray, tmp: Path) -> tuple[dict, dict]:
+    """Draw one subject's own images, simulate its responses and write its shards under `tmp`.
+
+    Returns (the subject's manifest entry, its shards' records). Runs in a worker process.
+    """
+    subject_id = s + 1
+    model = brain.make_subject(model_seed, cfg.voxels[s % len(cfg.voxels)], cfg.early_fraction,
+                               cfg.noise_voxel_fraction, cfg.snr_scale)
+    trial_rng = np.random.default_rng(trial_seed)
+    n_own = cfg.n_train + cfg.n_val
+    own = _draw_images(trial_rng, n_own, cfg.image_size)
+    raw_own = brain.raw_responses(model, brain.early_feature_maps(own[0]), own[1], semantic)
+    raw_test = brain.raw_responses(model, test_features, test[1], semantic)
+    # Standardise with training stimuli only, as NSD's z-scoring leaves the test trials out.
+    signal_own = brain.standardise(raw_own, raw_own[: cfg.n_train])
+    signal_test = brain.standardise(raw_test, raw_own[: cfg.n_train])
+    betas_own = brain.trial_betas(model, signal_own, cfg.n_repeats, trial_rng)
+    betas_test = brain.trial_betas(model, signal_test, cfg.n_repeats, trial_rng)
+    first_own_id = cfg.n_test + s * n_own  # image ids: shared test images first, then each subject's own
+    parts = {
+        "train": (own, betas_own, range(0, cfg.n_train), first_own_id),
+        "val": (own, betas_own, range(cfg.n_train, n_own), first_own_id),
+        "test": (test, betas_test, range(cfg.n_test), 0),
+    }
+    splits, shards = {}, {}
+    for split, ((images, labels, captions), betas, rows, id0) in parts.items():
+        writer = ShardWriter(tmp, f"subj{subject_id:02d}/{split}", cfg.shard_max_bytes)
+        for i in rows:
+            writer.write(Sample(subject_id, id0 + i, betas[i], images[i], (labels[i] > 0).astype(np.float32), [captions[i]]))
+        written = writer.close()
+        shards.update(written)
+        splits[split] = {"n_samples": len(rows), "shards": sorted(written)}
+    entry = {"n_voxels": model.n_voxels, "rois": {k: v.tolist() for k, v in model.roi_indices.items()}, "splits": splits}
+    return entry, shards
+
+
+def build(cfg: SimulatorConfig, out: Path, workers: int | None = None) -> Path:
     """Generate the dataset into `out` (which must not exist), atomically.
 
-    Everything is drawn from `cfg.seed`; the same config gives the same bytes.
+    Everything is drawn from `cfg.seed`; the same config gives the same bytes whatever the
+    number of worker processes (default: one per CPU core, at most one per subject).
     """
     out = Path(out)
     if out.exists():
@@ -52,7 +92,7 @@ def build(cfg: SimulatorConfig, out: Path) -> Path:
     tmp.mkdir(parents=True)
     seeds = np.random.SeedSequence(cfg.seed).spawn(3 + 2 * cfg.n_subjects)
     semantic = brain.semantic_embeddings(int(seeds[0].generate_state(1)[0]))
-    test = _draw_images(np.random.default_rng(seeds[1]), cfg.n_test, cfg.image_size, "test images")
+    test = _draw_images(np.random.default_rng(seeds[1]), cfg.n_test, cfg.image_size)
     test_features = brain.early_feature_maps(test[0])
     manifest: dict = {
         "format": FORMAT,
@@ -64,41 +104,16 @@ def build(cfg: SimulatorConfig, out: Path) -> Path:
         "subjects": {},
         "shards": {},
     }
-    n_own = cfg.n_train + cfg.n_val
-    for s in tqdm(range(cfg.n_subjects), desc="simulating subjects", mininterval=1):
-        subject_id = s + 1
-        model = brain.make_subject(
-            int(seeds[3 + 2 * s].generate_state(1)[0]), cfg.voxels[s % len(cfg.voxels)],
-            cfg.early_fraction, cfg.noise_voxel_fraction, cfg.snr_scale,
-        )
-        trial_rng = np.random.default_rng(seeds[4 + 2 * s])
-        own = _draw_images(trial_rng, n_own, cfg.image_size, f"subject {subject_id} images")
-        raw_own = brain.raw_responses(model, brain.early_feature_maps(own[0]), own[1], semantic)
-        raw_test = brain.raw_responses(model, test_features, test[1], semantic)
-        # Standardise with training stimuli only, as NSD's z-scoring leaves the test trials out.
-        signal_own = brain.standardise(raw_own, raw_own[: cfg.n_train])
-        signal_test = brain.standardise(raw_test, raw_own[: cfg.n_train])
-        betas_own = brain.trial_betas(model, signal_own, cfg.n_repeats, trial_rng)
-        betas_test = brain.trial_betas(model, signal_test, cfg.n_repeats, trial_rng)
-        first_own_id = cfg.n_test + s * n_own  # image ids: shared test images first, then each subject's own
-        parts = {
-            "train": (own, betas_own, range(0, cfg.n_train), first_own_id),
-            "val": (own, betas_own, range(cfg.n_train, n_own), first_own_id),
-            "test": (test, betas_test, range(cfg.n_test), 0),
-        }
-        splits = {}
-        for split, ((images, labels, captions), betas, rows, id0) in parts.items():
-            writer = ShardWriter(tmp, f"subj{subject_id:02d}/{split}", cfg.shard_max_bytes)
-            for i in rows:
-                writer.write(Sample(subject_id, id0 + i, betas[i], images[i], (labels[i] > 0).astype(np.float32), [captions[i]]))
-            shards = writer.close()
-            manifest["shards"].update(shards)
-            splits[split] = {"n_samples": len(rows), "shards": sorted(shards)}
-        manifest["subjects"][str(subject_id)] = {
-            "n_voxels": model.n_voxels,
-            "rois": {k: v.tolist() for k, v in model.roi_indices.items()},
-            "splits": splits,
-        }
+    workers = max(1, min(workers or os.cpu_count() or 1, cfg.n_subjects))
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        jobs = [pool.submit(_simulate_subject, cfg, s, int(seeds[3 + 2 * s].generate_state(1)[0]), seeds[4 + 2 * s],
+                            semantic, test, test_features, tmp) for s in range(cfg.n_subjects)]
+        for _ in tqdm(as_completed(jobs), total=len(jobs), desc="simulating subjects", mininterval=1):
+            pass
+    for s, job in enumerate(jobs):
+        entry, shards = job.result()
+        manifest["subjects"][str(s + 1)] = entry
+        manifest["shards"].update(shards)
     atomic_write_text(tmp / MANIFEST, json.dumps(manifest, indent=1))
     os.replace(tmp, out)
     return out
