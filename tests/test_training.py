@@ -10,10 +10,11 @@ import pytest
 
 from tests.conftest import SMALL_RUN, launch, train_losses
 
-# fp32, no dropout: the only difference between rank counts and ZeRO stages is the order of
-# floating-point reductions, so the first 20 losses agree to this relative tolerance.
-FP32_RTOL = 1e-4
-DETERMINISTIC = ["ds.bf16.enabled=false", "model.input_dropout=0", "model.block_dropout=0", "train.max_steps=20"]
+# No dropout: the only difference between rank counts and ZeRO stages is the order of
+# floating-point reductions (and, in bf16, where rounding happens), so the first 20 losses
+# agree to these relative tolerances.
+RTOL = {"fp32": 1e-5, "bf16": 2e-2}  # observed: 3.4e-7 and 6.5e-3
+DETERMINISTIC = ["model.input_dropout=0", "model.block_dropout=0", "train.max_steps=20"]
 
 
 @pytest.fixture(scope="module")
@@ -25,18 +26,20 @@ def _ok(result) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_first_20_losses_agree_across_rank_counts_and_zero_stages(cache, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_first_20_losses_agree_across_rank_counts_and_zero_stages(precision, cache, tmp_path):
     runs = {"1 rank, ZeRO-2": (1, "zero2"), "2 ranks, ZeRO-2": (2, "zero2"), "2 ranks, ZeRO-3": (2, "zero3")}
     losses = {}
     for name, (ranks, zero) in runs.items():
         run_dir = tmp_path / name.replace(" ", "").replace(",", "_")
-        _ok(launch(["--ds_config", f"ds_configs/{zero}.json", f"run_dir={run_dir}", *SMALL_RUN, *DETERMINISTIC], ranks, cache))
+        bf16 = f"ds.bf16.enabled={precision == 'bf16'}"
+        _ok(launch(["--ds_config", f"ds_configs/{zero}.json", f"run_dir={run_dir}", *SMALL_RUN, *DETERMINISTIC, bf16], ranks, cache))
         losses[name] = [train_losses(run_dir)[s] for s in range(1, 21)]
     reference = losses.pop("1 rank, ZeRO-2")
     assert len(set(reference)) > 15  # the losses move
     for name, values in losses.items():
         for step, (a, b) in enumerate(zip(reference, values), 1):
-            assert abs(a - b) <= FP32_RTOL * abs(a), f"{name}, step {step}: {b} vs {a}"
+            assert abs(a - b) <= RTOL[precision] * abs(a), f"{name}, {precision}, step {step}: {b} vs {a}"
 
 
 def test_killed_run_resumes_with_the_same_losses(cache, tmp_path):

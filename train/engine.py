@@ -186,7 +186,9 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
             if step >= last:
                 break
     bar.close()
-    save()
+    latest = ckpt_dir / "latest"
+    if not (latest.is_file() and latest.read_text().strip() == f"step{step:08d}"):  # a resumed finished run has it
+        save()
     engine.eval()
     results = recipe.evaluate(engine, "test")
     log.write(step, "test", results)

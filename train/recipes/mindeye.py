@@ -93,12 +93,12 @@ class Recipe:
             raise ConfigError("data.root is not set: give a converted dataset folder, or 'simulated'")
         if not cfg.clip.weights:
             raise ConfigError(f"clip.weights is not set: give a local open_clip checkpoint for {cfg.clip.arch}, or 'random'")
+        c = cfg.clip
+        tiny = OmegaConf.to_container(c.tiny) if c.tiny is not None else None
+        encoder = build_clip_image(c.arch, c.weights, c.target, c.seed, tiny)  # first: a missing file fails fast
         cache = cache_dir(d.cache_dir)
         self.root = resolve_dataset(d.root, OmegaConf.to_object(d.simulator), cache)
         self.manifest = load_manifest(self.root)
-        c = cfg.clip
-        tiny = OmegaConf.to_container(c.tiny) if c.tiny is not None else None
-        encoder = build_clip_image(c.arch, c.weights, c.target, c.seed, tiny)
         key = {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed, "tiny": tiny}
         self.targets = clip_targets(encoder, key, self.root, self.manifest, d.subject, cache, c.batch_size)
         del encoder
