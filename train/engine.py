@@ -31,7 +31,8 @@ class Recipe(Protocol):
     model: torch.nn.Module
     loader: object  # MemoryLoader or StreamLoader: `steps_per_epoch`, `epoch(epoch, start_step)`
 
-    def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of one micro-batch, and the values to log (including "loss")."""
 
     def evaluate(self, engine, split: str) -> dict[str, float]: ...
 
@@ -160,10 +161,10 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
 
     bar = tqdm(total=last, initial=step, desc=f"{cfg.recipe} training", disable=rank != 0, dynamic_ncols=True)
     engine.train()
+    t0 = time.perf_counter()
     while step < last:
         epoch, in_epoch = divmod(step, spe)
         for micro_batches in recipe.loader.epoch(epoch, in_epoch):
-            t0 = time.perf_counter()
             torch.manual_seed(step_seed(cfg.seed, step, rank))
             parts: dict[str, float] = {}
             for micro, batch in enumerate(micro_batches):
@@ -175,7 +176,8 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
             step += 1
             if step % cfg.train.log_every == 0 or step == last:
                 lr = engine.get_lr()[0]
-                log.write(step, "train", {**parts, "lr": lr, "samples_per_s": cfg.train.batch_size / (time.perf_counter() - t0)})
+                rate = cfg.train.batch_size * cfg.train.log_every / (time.perf_counter() - t0)  # data loading included
+                log.write(step, "train", {**parts, "lr": lr, "samples_per_s": rate})
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
             bar.update()
             end_of_epoch = step % spe == 0
@@ -183,6 +185,8 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
                 validate()
             if step % cfg.train.checkpoint_every == 0 and step < last:
                 save()
+            if step % cfg.train.log_every == 0:
+                t0 = time.perf_counter()  # validation and checkpoint time stay out of samples/s
             if step >= last:
                 break
     bar.close()
