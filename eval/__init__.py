@@ -1,1 +1,2 @@
-"""Evaluation: pure metric functions on tensors (eval.metrics)."""
+"""Evaluation: pure metric functions (`eval.metrics`), feature extractors, and a CLI
+(`python -m eval --checkpoint RUN_DIR`) that scores any checkpoint."""

@@ -86,7 +86,8 @@ def _engine_dtype(engine) -> torch.dtype:
 
 
 class Recipe:
-    def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device):
+    def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
+        """`train=False` builds only what scoring needs (model, targets), not the batch stream."""
         self.cfg, self.rank, self.device = cfg, rank, device
         d = cfg.data
         if not d.root:
@@ -105,19 +106,22 @@ class Recipe:
         n_tokens, dim = self.targets.values.shape[1:]
         n_voxels = self.manifest["subjects"][str(d.subject)]["n_voxels"]
         self.model = MindEyeBackbone(n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
-        t = cfg.train
+        self._eval_splits: dict = {}
+        if train:
+            self.loader = self._loader(cfg, rank, world)
+        self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
+        self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
+
+    def _loader(self, cfg: DictConfig, rank: int, world: int):
+        d, t = cfg.data, cfg.train
         if d.loader == "memory":
             train = load_split(self.root, self.manifest, d.subject, "train", d.verify_checksums)
-            self.loader = MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, cfg.seed)
-        elif d.loader == "stream":
+            return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, cfg.seed)
+        if d.loader == "stream":
             stream = stream_split(self.root, self.manifest, d.subject, "train", cfg.seed, d.shuffle_buffer, d.verify_checksums)
             n = self.manifest["subjects"][str(d.subject)]["splits"]["train"]["n_samples"]
-            self.loader = StreamLoader(stream, n, t.batch_size, t.grad_accum, world, cfg.seed, d.num_workers)
-        else:
-            raise ConfigError(f"data.loader: {d.loader!r}, expected 'memory' or 'stream'")
-        self.mix_epochs = int(cfg.loss.mix_fraction * t.epochs)
-        self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, t.epochs - self.mix_epochs)
-        self._eval_splits: dict = {}
+            return StreamLoader(stream, n, t.batch_size, t.grad_accum, world, cfg.seed, d.num_workers)
+        raise ConfigError(f"data.loader: {d.loader!r}, expected 'memory' or 'stream'")
 
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         voxels = batch["voxels"].to(self.device)
@@ -141,19 +145,21 @@ class Recipe:
         return loss, {"loss": loss.item(), name: loss.item(), "temperature": tau}
 
     @torch.no_grad()
-    def embed(self, engine, voxels: torch.Tensor) -> torch.Tensor:
-        """Projector outputs for repeat-averaged voxels, on CPU, float32 [N, T, D]."""
-        out = []
-        for start in range(0, len(voxels), self.cfg.eval.batch_size):
-            chunk = voxels[start : start + self.cfg.eval.batch_size].to(self.device, _engine_dtype(engine))
-            out.append(engine(chunk)[1].float().cpu())
-        return torch.cat(out)
+    def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """A split's retrieval pairs, on CPU: "brain" (projector outputs for repeat-averaged
+        voxels, float32 [N, T, D]), "image" (CLIP targets) and "image_ids".
 
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        """Retrieval on a split. Every rank runs the same forwards (ZeRO-3 needs all ranks in step)."""
+        `forward` is the DeepSpeed engine or the bare model; both return (backbone, projector).
+        """
         if split not in self._eval_splits:
             self._eval_splits[split] = load_split(self.root, self.manifest, self.cfg.data.subject, split, self.cfg.data.verify_checksums)
         arrays = self._eval_splits[split]
-        brain = self.embed(engine, arrays.repeat_mean())
+        voxels, step = arrays.repeat_mean(), self.cfg.eval.batch_size
+        brain = [forward(voxels[s : s + step].to(self.device, dtype))[1].float().cpu() for s in range(0, len(voxels), step)]
+        return {"brain": torch.cat(brain), "image": self.targets[arrays.image_ids], "image_ids": arrays.image_ids}
+
+    def evaluate(self, engine, split: str) -> dict[str, float]:
+        """Retrieval on a split. Every rank runs the same forwards (ZeRO-3 needs all ranks in step)."""
+        pairs = self.embeddings(engine, split, _engine_dtype(engine))
         e = self.cfg.eval
-        return retrieval(brain, self.targets[arrays.image_ids], e.n_way, e.n_trials, e.seed)
+        return retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed)

@@ -1,0 +1,5 @@
+import sys
+
+from eval.main import main
+
+sys.exit(main())

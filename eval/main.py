@@ -1,0 +1,86 @@
+"""Score a checkpoint: `python -m eval --checkpoint RUN_DIR [--recons PATH]`.
+
+Retrieval on the checkpoint's test split always; with --recons (a folder of <test id>.png
+files or a tensor file) also PixCorr, SSIM, two-way identification (AlexNet 2/5,
+InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1. Writes
+results.json, table.md, retrievals.png and reconstructions.png into --out (default
+RUN_DIR/eval). Bad input ends with one `error:` line naming the file or value.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `python eval/main.py` puts eval/ (not the repository) on the path
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from data.shards import DataError  # noqa: E402
+from eval.checkpoint import load_checkpoint  # noqa: E402
+from eval.features import SPECS  # noqa: E402
+from eval.images import ReconstructionError  # noqa: E402
+from eval.metrics import MetricInputError  # noqa: E402
+from eval.report import ImageMetricOptions, score_checkpoint  # noqa: E402
+from train.config import ConfigError  # noqa: E402
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder, checkpoint folder, or weights file (with --config)")
+    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: the one saved with the checkpoint)")
+    p.add_argument("--recons", type=Path, default=None, help="reconstructions: folder of <test id>.png, or .pt/.npy tensor")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--batch-size", type=int, default=32, help="images per feature-extractor batch")
+    p.add_argument("--extractors", default=",".join(SPECS), help=f"comma-separated subset of {','.join(SPECS)}")
+    p.add_argument("--weights", action="append", default=[], metavar="NAME=PATH",
+                   help="weight file of one extractor (default: its torch.hub file name in --weights-dir)")
+    p.add_argument("--weights-dir", type=Path, action="append", default=None,
+                   help="folder of default-named weight files (default: $TORCH_HOME/hub/checkpoints and ~/.cache/clip)")
+    p.add_argument("--random-weights", action="store_true",
+                   help="random extractor weights (smoke tests only; the report marks those columns not comparable)")
+    p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.root=/data/nsd_shards")
+    return p.parse_args(argv)
+
+
+def options(args: argparse.Namespace) -> ImageMetricOptions:
+    names = tuple(n for n in args.extractors.split(",") if n)
+    unknown = [n for n in names if n not in SPECS]
+    if unknown:
+        raise ConfigError(f"--extractors: unknown extractor {unknown[0]!r}; known: {', '.join(SPECS)}")
+    weights = {}
+    for item in args.weights:
+        name, sep, path = item.partition("=")
+        if not sep or name not in SPECS:
+            raise ConfigError(f"--weights {item!r}: expected NAME=PATH with NAME one of {', '.join(SPECS)}")
+        weights[name] = path
+    if args.random_weights:
+        weights = {n: "random" for n in names}
+    return ImageMetricOptions(names, weights, args.weights_dir, torch.device(args.device), args.batch_size)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        opts = options(args)
+        ckpt = load_checkpoint(args.checkpoint, args.config, args.overrides)
+        out = args.out or (ckpt.run_dir / "eval" if ckpt.run_dir else None)
+        if out is None:
+            raise ConfigError("--out is required for a single weights file")
+        if (out / "results.json").exists() and not args.overwrite:
+            raise FileExistsError(f"{out}: already holds a report; pass --overwrite to replace it")
+        results = score_checkpoint(ckpt, out, args.recons, opts)
+    except (ConfigError, DataError, MetricInputError, ReconstructionError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print((out / "table.md").read_text())
+    print(f"report written to {out} ({', '.join(Path(f).name for f in results['figures'])}, results.json, table.md)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
