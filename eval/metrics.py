@@ -6,6 +6,7 @@ and raises `MetricInputError` with a one-line reason.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -67,7 +68,7 @@ def own_rank(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     ranks = []
     for start in range(0, len(query), _chunk(len(keys))):
         sims = query[start : start + _chunk(len(keys))] @ keys.T
-        rows = torch.arange(len(sims))
+        rows = torch.arange(len(sims), device=sims.device)
         own = sims[rows, start + rows].clone()
         sims[rows, start + rows] = -math.inf
         ranks.append((sims >= own[:, None]).sum(1))
@@ -263,26 +264,31 @@ def _check_multilabel(name: str, scores: torch.Tensor, labels: torch.Tensor) -> 
     return labels.long()
 
 
+def _per_class_mean(name: str, per_class, scores: torch.Tensor, labels: torch.Tensor, need_negatives: bool) -> float:
+    """Mean of a torchmetrics per-class score over the classes with a positive sample (and,
+    if `need_negatives`, a negative one too); the other classes are left out."""
+    target = _check_multilabel(name, scores, labels)
+    kept = target.sum(0) > 0
+    if need_negatives:
+        kept &= target.sum(0) < len(target)
+    if not kept.any():
+        raise MetricInputError(f"{name}: no class has {'both positive and negative' if need_negatives else 'a positive'} samples")
+    with warnings.catch_warnings():  # torchmetrics warns about the classes left out
+        warnings.simplefilter("ignore", UserWarning)
+        values = per_class(scores.float(), target, num_labels=target.shape[1], average="none")
+    return values[kept].mean().item()
+
+
 def multilabel_map(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean average precision over the classes with at least one positive sample.
     scores: [N, C] (any monotone score), labels: [N, C] in {0, 1}."""
-    target = _check_multilabel("mAP", scores, labels)
-    present = target.sum(0) > 0
-    if not present.any():
-        raise MetricInputError("mAP: no class has a positive sample")
-    ap = multilabel_average_precision(scores.float(), target, num_labels=target.shape[1], average="none")
-    return ap[present].mean().item()
+    return _per_class_mean("mAP", multilabel_average_precision, scores, labels, need_negatives=False)
 
 
 def multilabel_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean ROC AUC over the classes that have both positive and negative samples; other
     classes are left out (the CLIP-MUSED code counted them as 1.0)."""
-    target = _check_multilabel("ROC AUC", scores, labels)
-    both = (target.sum(0) > 0) & (target.sum(0) < len(target))
-    if not both.any():
-        raise MetricInputError("ROC AUC: no class has both positive and negative samples")
-    auc = multilabel_auroc(scores.float(), target, num_labels=target.shape[1], average="none")
-    return auc[both].mean().item()
+    return _per_class_mean("ROC AUC", multilabel_auroc, scores, labels, need_negatives=True)
 
 
 def hamming_loss(probs: torch.Tensor, labels: torch.Tensor, threshold: float = 0.5) -> float:
