@@ -12,7 +12,7 @@ from PIL import Image
 from eval.main import main
 from tests.conftest import ROOT, SMALL_RUN, launch
 
-FAST = ["--extractors", "alexnet,inception,effnet,swav", "--random-weights"]  # CLIP ViT-L is slow on CPU
+FAST = ["--extractors", "alexnet,inception", "--random-weights"]  # the others are covered in test_features.py
 
 
 @pytest.fixture(scope="module")
@@ -68,15 +68,15 @@ def test_eval_reproduces_training_retrieval_and_writes_report(run_dir, env, tmp_
         assert results[key] == pytest.approx(trained[key], abs=1e-9), key
     assert results["n_test"] == len(ids) and results["n_generations"] == 1
     assert 0.5 < results["pixcorr"] < 1 and 0 < results["ssim"] < 1
-    assert results["alexnet2"] > 90 and results["swav"] < 0.5 and math.isfinite(results["fid"])
-    assert results["random_feature_weights"] == ["alexnet", "effnet", "inception", "swav"]
+    assert results["alexnet2"] > 90 and results["inception"] > 50 and math.isfinite(results["fid"])
+    assert results["random_feature_weights"] == ["alexnet", "inception"]
     table = (out / "table.md").read_text()
     header = table.splitlines()[0]
     order = ["PixCorr", "SSIM", "Alex(2)", "Alex(5)", "Incep", "CLIP", "EffNet-B", "SwAV", "Image retrieval", "Brain retrieval"]
     assert [header.index(c) for c in order] == sorted(header.index(c) for c in order)
     assert "| MindEye 1, subject 1 | 0.392 | 0.347 | 97.40% | 98.70% |" in table
     assert "RANDOM feature-extractor weights" in table
-    assert "| **step" in table and table.splitlines()[2].count("–") == 1  # every column filled but CLIP (not run)
+    assert "| **step" in table and table.splitlines()[2].count("–") == 3  # every column filled but those not run
     for name, rows in (("retrievals.png", 6), ("reconstructions.png", 6)):
         with Image.open(out / name) as im:
             assert im.size[1] > rows * 128
