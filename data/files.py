@@ -1,9 +1,12 @@
-"""Small file helpers: atomic writes and JSON reads whose errors name the file."""
+"""Small file helpers: atomic writes, and JSON and tensor-file reads whose errors name the file."""
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+
+import numpy as np
+import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -27,3 +30,13 @@ def read_json(path: Path, error: type[Exception], missing: str) -> dict:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise error(f"{path}: not valid JSON ({e})") from None
+
+
+def load_tensors(path: Path, error: type[Exception], what: str):
+    """A `.npy` array or a torch file (tensors and plain containers only, no pickled code);
+    a file that cannot be read raises `error` as "<path>: <what> (<reason>)"."""
+    path = Path(path)
+    try:
+        return np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
+        raise error(f"{path}: {what} ({type(e).__name__})") from None

@@ -169,5 +169,7 @@ def decode_sample(fields: dict, shard: str, n_voxels: int) -> dict:
             "captions": meta["captions"], "image_png": fields.get("image.png")}
 
 
-def decode_image(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes (PNG, JPEG, ...) -> a writable uint8 [H, W, 3] RGB array."""
+    with Image.open(io.BytesIO(data)) as im:
+        return np.array(im.convert("RGB"))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from data.files import load_tensors
 from train import config
 
 
@@ -50,10 +51,7 @@ def _deepspeed_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
 
 
 def _released_state(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise CheckpointError(f"{path}: unreadable checkpoint file ({type(e).__name__})") from None
+    obj = load_tensors(path, CheckpointError, "unreadable checkpoint file")
     for key in ("model_state_dict", "state_dict", "module", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]

@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
+from data.files import load_tensors
 from models.clip_image import CLIP_MEAN, CLIP_STD
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -93,10 +94,7 @@ class _CLIPEmbedding(nn.Module):
 
 
 def _load(model: nn.Module, path: Path, title: str, drop_prefix: str = "", allow_missing: tuple[str, ...] = ()) -> None:
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise WeightsMissing(f"{path}: not a readable {title} checkpoint ({type(e).__name__})") from None
+    state = load_tensors(path, WeightsMissing, f"not a readable {title} checkpoint")
     state = state.get("state_dict", state)
     own = model.state_dict()
     state = {k.removeprefix(drop_prefix): v for k, v in state.items()}

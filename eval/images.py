@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import UnidentifiedImageError
 
+from data.files import load_tensors
 from data.shards import DataError, decode_image
 from data.splits import iter_split
 
@@ -55,7 +56,7 @@ def split_images(root: Path, manifest: dict, subject: int, split: str = "test") 
     ids, images = [], []
     for sample in iter_split(root, manifest, subject, split, with_images=True):
         ids.append(sample["image_id"])
-        images.append(torch.from_numpy(decode_image(sample["image_png"]).copy()).permute(2, 0, 1))
+        images.append(torch.from_numpy(decode_image(sample["image_png"])).permute(2, 0, 1))
     if not ids:
         raise DataError(f"{root}: subject {subject} split {split!r} has no samples")
     return ids, to_unit(torch.stack(images), f"{root} ({split} split)")
@@ -63,8 +64,7 @@ def split_images(root: Path, manifest: dict, subject: int, split: str = "test") 
 
 def _read_image(path: Path) -> torch.Tensor:
     try:
-        with Image.open(path) as im:
-            return torch.from_numpy(np.array(im.convert("RGB"))).permute(2, 0, 1)
+        return torch.from_numpy(decode_image(path.read_bytes())).permute(2, 0, 1)
     except (UnidentifiedImageError, OSError) as e:
         raise ReconstructionError(f"{path}: unreadable image ({type(e).__name__})") from None
 
@@ -101,10 +101,7 @@ def _from_folder(folder: Path, ids: list[int]) -> torch.Tensor:
 
 
 def _from_file(path: Path, ids: list[int]) -> torch.Tensor:
-    try:
-        obj = np.load(path) if path.suffix == ".npy" else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
-        raise ReconstructionError(f"{path}: unreadable tensor file ({type(e).__name__})") from None
+    obj = load_tensors(path, ReconstructionError, "unreadable tensor file")
     given_ids = None
     if isinstance(obj, dict):
         if "images" not in obj:
