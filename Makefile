@@ -17,7 +17,18 @@ demo: install
 	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH deepspeed --num_gpus 2 train/main.py \
 		--ds_config ds_configs/zero2.json --overwrite run_dir=runs/demo ds.bf16.enabled=false
 
+# The rest of MindEye's chain on the demo run: the low-level branch, reconstruction of every
+# test image with a small random generator, and scoring (random feature extractors: the
+# embedded dataset has no pretrained weights, so those columns only show that the chain runs).
+demo-recon: install
+	OMP_NUM_THREADS=1 PATH=$(abspath $(BIN)):$$PATH deepspeed --num_gpus 2 train/main.py \
+		--config train/configs/mindeye_lowlevel_tiny.yaml --ds_config ds_configs/zero2.json --overwrite \
+		run_dir=runs/demo_lowlevel ds.bf16.enabled=false
+	OMP_NUM_THREADS=2 $(BIN)/python -m train.reconstruct --checkpoint runs/demo --lowlevel runs/demo_lowlevel
+	OMP_NUM_THREADS=2 $(BIN)/python -m eval --checkpoint runs/demo --recons runs/demo/reconstructions \
+		--random-weights --extractors alexnet,inception --overwrite
+
 test: install
 	$(BIN)/python -m pytest -q -x tests
 
-.PHONY: install demo test
+.PHONY: install demo demo-recon test

@@ -66,12 +66,10 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
         np.save(buf, a, allow_pickle=False)
         return buf.getvalue()
 
-    png = io.BytesIO()
-    Image.fromarray(s.image).save(png, format="PNG")
     meta = {"image_id": int(s.image_id), "subject": int(s.subject), "captions": list(s.captions)}
     return {
         "voxels.npy": npy(s.voxels.astype(np.float16)),
-        "image.png": png.getvalue(),
+        "image.png": encode_png(s.image),
         "labels.npy": npy(s.labels.astype(np.float32)),
         "json": json.dumps(meta).encode(),
     }
@@ -167,6 +165,13 @@ def decode_sample(fields: dict, shard: str, n_voxels: int) -> dict:
         raise DataError(f"{shard}: sample {key} has NaN or Inf voxels")
     return {"key": key, "image_id": int(meta["image_id"]), "voxels": voxels, "labels": labels,
             "captions": meta["captions"], "image_png": fields.get("image.png")}
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    """uint8 [H, W, 3] RGB array -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def decode_image(data: bytes) -> np.ndarray:

@@ -3,7 +3,8 @@
 - a run folder (`RUN_DIR`, holding `checkpoints/latest`): its latest checkpoint;
 - a checkpoint folder (`RUN_DIR/checkpoints/step00000744`);
 - a single weights file (`.pt`, `.pth`, `.bin`, e.g. a released model), with `--config`
-  giving the recipe YAML it was trained with.
+  giving the recipe YAML it was trained with. MindEye 1's released checkpoints are
+  recognised by their keys and mapped onto ours (models/mindeye1_keys.py).
 
 DeepSpeed checkpoints are consolidated into one float32 state dict (the optimizer's fp32
 master weights under ZeRO 1-3, so bf16 runs lose nothing).
@@ -19,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 
 from data.files import load_tensors
+from models.mindeye1_keys import from_mindeye1, is_mindeye1
 from train import config
 
 
@@ -58,7 +60,13 @@ def _released_state(path: Path) -> dict[str, torch.Tensor]:
             break
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
-    return {k.removeprefix("module."): v.float() for k, v in obj.items()}
+    state = {k.removeprefix("module."): v.float() for k, v in obj.items()}
+    if is_mindeye1(state):
+        try:
+            return from_mindeye1(state)
+        except KeyError as e:
+            raise CheckpointError(f"{path}: {e.args[0]}") from None
+    return state
 
 
 def load_checkpoint(path: Path, config_path: Path | None = None, overrides: list[str] = ()) -> Checkpoint:

@@ -1,7 +1,6 @@
 """PNG figures of a report: ground truth beside reconstructions, and top-5 retrievals."""
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +8,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from data.files import atomic_write_bytes
+from data.shards import encode_png
 
 TILE = 128
 PAD = 6
@@ -43,9 +43,7 @@ def _grid(rows: list[list[torch.Tensor]], row_labels: list[str], col_labels: lis
 
 
 def _save(image: Image.Image, path: Path) -> Path:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, encode_png(np.asarray(image.convert("RGB"))))
     return path
 
 

@@ -18,6 +18,7 @@ from eval.checkpoint import Checkpoint
 from eval.features import SPECS, build_extractor, extract, locate_weights
 from eval.figures import reconstructions_figure, retrievals_figure
 from eval.images import load_reconstructions, split_images
+from train.config import ConfigError
 
 # (result key, column title, higher is better), in the reference's column order.
 COLUMNS = [
@@ -108,6 +109,9 @@ def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, 
     """
     module = __import__(f"train.recipes.{ckpt.cfg.recipe}", fromlist=["Recipe"])
     extractors = load_extractors(opts) if recons_path is not None else {}  # missing weights fail before any work
+    if not hasattr(module.Recipe, "embeddings"):
+        raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} predicts no embeddings to score; score the "
+                          "reconstructions it feeds through the MindEye checkpoint")
     recipe = module.Recipe(ckpt.cfg, 0, 1, opts.device, train=False)
     recipe.model.load_state_dict(ckpt.state)
     recipe.model.to(opts.device).eval()
@@ -119,8 +123,7 @@ def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, 
     pairs = recipe.embeddings(recipe.model, "test")
     if pairs["image_ids"].tolist() != ids:
         raise DataError(f"{recipe.root}: test embeddings and test images disagree on sample order")
-    e = ckpt.cfg.eval
-    results.update(metrics.retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed))
+    results.update(recipe.score(pairs))
     notes.append(f"retrieval: top-1 over {results['n_way']} random test samples, mean of {results['n_trials']} draws; "
                  "image retrieval = forward (brain -> image), brain retrieval = backward")
     out_dir.mkdir(parents=True, exist_ok=True)

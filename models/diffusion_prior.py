@@ -115,7 +115,8 @@ class TimeEmbedding(nn.Module):
         half = self.dim // 2
         freqs = torch.exp(torch.arange(half, device=t.device) * -(math.log(10000) / (half - 1)))
         angles = t.float()[:, None] * freqs[None]
-        return self.mlp(torch.cat((angles.sin(), angles.cos()), dim=-1)).unsqueeze(1)
+        features = torch.cat((angles.sin(), angles.cos()), dim=-1).to(self.mlp[0].weight.dtype)
+        return self.mlp(features).unsqueeze(1)
 
 
 class PriorNetwork(nn.Module):
@@ -173,21 +174,31 @@ class PriorDiffusion:
         self.scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
                                        prediction_type="sample", clip_sample=False)
 
-    def loss(self, brain: torch.Tensor, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """MSE between the predicted and the true clean (scaled) image tokens at a random step."""
+    def noise(self, image: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """A training draw for image tokens [B, T, D]: the scaled clean tokens "x0", their noised
+        version "noised" at random steps "t", and the condition-keep masks "brain_keep" and
+        "image_keep". Drawing it for a whole global batch from one seeded generator, then
+        slicing per rank, makes training independent of the rank count."""
         b, device = len(image), image.device
         x0 = image * self.scale
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), generator=generator, device=device)
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-        noised = self.scheduler.add_noise(x0, noise, t)
         keep = torch.rand(2, b, generator=generator, device=device) >= self.cond_drop_prob
-        return F.mse_loss(self.net(noised, t, brain, keep[0], keep[1]), x0)
+        return {"x0": x0, "noised": self.scheduler.add_noise(x0, noise, t), "t": t,
+                "brain_keep": keep[0], "image_keep": keep[1]}
+
+    def loss(self, brain: torch.Tensor, image: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """MSE between the predicted and the true clean (scaled) image tokens at a random step."""
+        d = self.noise(image, generator)
+        return F.mse_loss(self.net(d["noised"], d["t"], brain, d["brain_keep"], d["image_keep"]), d["x0"])
 
     @torch.no_grad()
-    def sample(self, brain: torch.Tensor, guidance: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Image tokens for brain tokens [B, T, D], by ancestral sampling over every step."""
+    def sample(self, brain: torch.Tensor, guidance: float = 1.0, generator: torch.Generator | None = None,
+               steps: int | None = None) -> torch.Tensor:
+        """Image tokens for brain tokens [B, T, D], by ancestral sampling over `steps` evenly
+        spaced steps (default: every training step, as MindEye 1 samples)."""
         scheduler = DDPMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(scheduler.config.num_train_timesteps)
+        scheduler.set_timesteps(steps or scheduler.config.num_train_timesteps)
         x = torch.randn(brain.shape, generator=generator, device=brain.device, dtype=brain.dtype)
         b = len(brain)
         dropped = torch.zeros(b, dtype=torch.bool, device=brain.device)

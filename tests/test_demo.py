@@ -2,7 +2,9 @@
 
 Runs the same command as `make demo` (in a private cache, so the simulated dataset is
 generated from scratch) for two simulator seeds; each must reach 10% top-1 retrieval in
-both directions on the 300-way test protocol (chance is 0.33%).
+both directions on the 300-way test protocol (chance is 0.33%). The jointly trained
+diffusion prior must bring its MSE below half its starting value, and image tokens it
+samples must retrieve their test images at least 1.5% top-1 (4.5x chance) both ways.
 """
 import json
 
@@ -22,5 +24,11 @@ def test_demo_reaches_10_percent_retrieval_both_ways(seed, tmp_path):
     print(f"seed {seed}: forward {results['forward_top1']:.1f}%, backward {results['backward_top1']:.1f}%")
     assert results["n_way"] == 300 and results["n_trials"] == 30
     assert results["forward_top1"] >= 10 and results["backward_top1"] >= 10
+    prior = [json.loads(line)["prior_mse"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["split"] == "train"]
+    print(f"prior MSE {sum(prior[:5]) / 5:.3f} -> {sum(prior[-20:]) / 20:.3f}; prior-sampled retrieval "
+          f"{results['prior_forward_top1']:.1f}% / {results['prior_backward_top1']:.1f}%")
+    assert sum(prior[-20:]) / 20 < 0.5 * sum(prior[:5]) / 5
+    assert results["prior_forward_top1"] >= 1.5 and results["prior_backward_top1"] >= 1.5
     assert "test results" in result.stdout
     assert (run_dir / "checkpoints" / "latest").is_file() and list((run_dir / "tensorboard").iterdir())

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip
+from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip, soft_contrastive
 
 
 def test_bimixco_without_mixing_is_symmetric_clip_loss():
@@ -57,3 +57,13 @@ def test_cosine_anneal_endpoints_and_monotone():
     temps = cosine_anneal(0.004, 0.0075, 11)
     assert temps[0] == 0.004 and abs(temps[-1] - 0.0075) < 1e-12
     assert all(a < b for a, b in zip(temps, temps[1:]))
+
+
+def test_soft_contrastive_prefers_a_student_that_matches_the_teacher():
+    torch.manual_seed(0)
+    teacher = torch.randn(4, 9, 16)
+    aug = teacher + 0.3 * torch.randn_like(teacher)
+    matched = soft_contrastive(teacher, teacher, aug, 0.075)
+    shuffled = soft_contrastive(teacher[:, torch.randperm(9)], teacher, aug, 0.075)
+    assert matched < shuffled
+    assert torch.isclose(soft_contrastive(2 * teacher, teacher, aug, 0.075), matched)  # cosine: scale-free

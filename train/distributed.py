@@ -49,3 +49,12 @@ def gather(x: torch.Tensor, with_grad: bool = False) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean of a scalar tensor over ranks (for logging values each rank computes on its own slice)."""
+    if world() == 1:
+        return x
+    x = x.detach().clone()
+    dist.all_reduce(x)
+    return x / world()

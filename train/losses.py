@@ -55,3 +55,13 @@ def cosine_anneal(start: float, end: float, n: int) -> list[float]:
     if n <= 1:
         return [start] * max(n, 0)
     return [end + (start - end) / 2 * (1 + math.cos(math.pi * i / (n - 1))) for i in range(n)]
+
+
+def soft_contrastive(student: torch.Tensor, teacher: torch.Tensor, teacher_aug: torch.Tensor, tau: float) -> torch.Tensor:
+    """MindEye's low-level soft contrastive loss on per-position features [..., C] (all
+    leading dims flattened): the student's similarities to the teacher's features of an
+    augmented view learn the teacher's own clean-to-augmented similarity distribution."""
+    s, t, a = (F.normalize(x.reshape(-1, x.shape[-1]).float(), dim=-1) for x in (student, teacher, teacher_aug))
+    forward = soft_cross_entropy(s @ a.T / tau, (t @ a.T / tau).softmax(-1))
+    backward = soft_cross_entropy(a @ s.T / tau, (a @ t.T / tau).softmax(-1))
+    return 0.5 * (forward + backward)

@@ -1,6 +1,8 @@
 """MindEye 1, high-level pipeline: voxels -> residual MLP -> CLIP tokens -> projector,
 trained contrastively (BiMixCo for the first third of the epochs, then SoftCLIP with a
-cosine-annealed temperature) and scored by test retrieval in both directions.
+cosine-annealed temperature) and, with `prior.enabled`, jointly with the diffusion prior
+(loss = contrastive + prior.loss_weight x prior MSE). Scored by test retrieval in both
+directions, and by retrieval of prior-sampled image tokens.
 """
 from __future__ import annotations
 
@@ -9,19 +11,19 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from data.datasets import cache_dir, resolve_dataset
-from data.loaders import MemoryLoader, StreamLoader
-from data.shards import load_manifest
-from data.splits import load_split, stream_split
-from data.targets import clip_targets
+from data.targets import cached_targets
 from eval.metrics import retrieval
 from models.clip_image import build_clip_image
-from models.mindeye import MindEyeBackbone
+from models.diffusion_prior import PriorDiffusion, PriorNetwork
+from models.mindeye import MindEye, MindEyeBackbone
 from train import distributed
 from train.config import ConfigError, RunConfig
+from train.engine import step_seed
 from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip
+from train.recipes.subject_data import SubjectData, engine_dtype
 
 
 @dataclass
@@ -65,6 +67,34 @@ class LossConfig:
 
 
 @dataclass
+class PriorConfig:
+    enabled: bool = False
+    depth: int = 6
+    heads: int = 12
+    dim_head: int = 64
+    timesteps: int = 100
+    cond_drop_prob: float = 0.2
+    loss_weight: float = 30.0  # loss = contrastive + loss_weight x prior MSE
+    guidance: float = 1.0  # classifier-free guidance when sampling
+    sample_steps: int = 100  # sampling steps (evenly spaced over the training steps)
+    checkpoint_layers: bool = False  # activation checkpointing per transformer layer
+    eval_sampling: bool = True  # score retrieval of prior samples on the test split
+
+
+@dataclass
+class GenerationConfig:
+    """Reconstruction (`python -m train.reconstruct`): predicted CLIP tokens -> images."""
+    weights: str = ""  # local Versatile Diffusion folder (image_unet/, vae/, scheduler/), or "random"
+    steps: int = 20  # UniPC steps
+    guidance: float = 3.5
+    n_samples: int = 16  # per test image; the one whose CLIP tokens best match the brain's is kept
+    strength: float = 0.85  # img2img from the low-level image, when a low-level run is given
+    batch_size: int = 4  # test images per generation batch (x n_samples images through the UNet)
+    seed: int = 0
+    sample_size: int = 16  # latent side of a random pipeline (weights: random)
+
+
+@dataclass
 class EvalConfig:
     n_way: int = 300
     n_trials: int = 30
@@ -78,88 +108,114 @@ class Config(RunConfig):
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def _engine_dtype(engine) -> torch.dtype:
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
 
 
 class Recipe:
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         """`train=False` builds only what scoring needs (model, targets), not the batch stream."""
         self.cfg, self.rank, self.device = cfg, rank, device
-        d = cfg.data
-        if not d.root:
-            raise ConfigError("data.root is not set: give a converted dataset folder, or 'simulated'")
         if not cfg.clip.weights:
             raise ConfigError(f"clip.weights is not set: give a local open_clip checkpoint for {cfg.clip.arch}, or 'random'")
+        encoder = self.clip_encoder()  # first: a missing file fails fast
+        self.data = SubjectData(cfg)
+        self.root, self.manifest = self.data.root, self.data.manifest
         c = cfg.clip
-        tiny = OmegaConf.to_container(c.tiny) if c.tiny is not None else None
-        encoder = build_clip_image(c.arch, c.weights, c.target, c.seed, tiny)  # first: a missing file fails fast
-        cache = cache_dir(d.cache_dir)
-        self.root = resolve_dataset(d.root, OmegaConf.to_object(d.simulator), cache)
-        self.manifest = load_manifest(self.root)
-        key = {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed, "tiny": tiny}
-        self.targets = clip_targets(encoder, key, self.root, self.manifest, d.subject, cache, c.batch_size)
+        self.targets = cached_targets(encoder, self.clip_key(), self.root, self.manifest, cfg.data.subject,
+                                      self.data.cache, c.batch_size)
         del encoder
         n_tokens, dim = self.targets.values.shape[1:]
-        n_voxels = self.manifest["subjects"][str(d.subject)]["n_voxels"]
-        self.model = MindEyeBackbone(n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
-        self._eval_splits: dict = {}
+        backbone = MindEyeBackbone(self.data.n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
+        p = cfg.prior
+        prior = PriorNetwork(dim, n_tokens, p.depth, p.heads, p.dim_head, checkpoint_layers=p.checkpoint_layers) if p.enabled else None
+        self.model = MindEye(backbone, prior)
+        self.diffusion = PriorDiffusion(prior, dim, p.timesteps, p.cond_drop_prob) if p.enabled else None
         if train:
-            self.loader = self._loader(cfg, rank, world)
+            self.loader = self.data.loader(rank, world)
         self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
         self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
 
-    def _loader(self, cfg: DictConfig, rank: int, world: int):
-        d, t = cfg.data, cfg.train
-        if d.loader == "memory":
-            train = load_split(self.root, self.manifest, d.subject, "train", d.verify_checksums)
-            return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, cfg.seed)
-        if d.loader == "stream":
-            stream = stream_split(self.root, self.manifest, d.subject, "train", cfg.seed, d.shuffle_buffer, d.verify_checksums)
-            n = self.manifest["subjects"][str(d.subject)]["splits"]["train"]["n_samples"]
-            return StreamLoader(stream, n, t.batch_size, t.grad_accum, world, cfg.seed, d.num_workers)
-        raise ConfigError(f"data.loader: {d.loader!r}, expected 'memory' or 'stream'")
+    def clip_key(self) -> dict:
+        c = self.cfg.clip
+        return {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed,
+                "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None}
+
+    def clip_encoder(self):
+        """The frozen CLIP image encoder the targets come from (reconstruction reuses it)."""
+        k = self.clip_key()
+        return build_clip_image(k["arch"], k["weights"], k["target"], k["seed"], k["tiny"])
 
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         voxels = batch["voxels"].to(self.device)
         target = distributed.gather(self.targets[batch["image_ids"]].to(self.device))
-        dtype = _engine_dtype(engine)
+        dtype = engine_dtype(engine)
+        m = len(voxels)
+        mine = slice(self.rank * m, (self.rank + 1) * m)
+        prior_inputs = {}
+        if self.diffusion is not None:
+            # One draw for the global batch from a generator every rank seeds alike; keep this rank's slice.
+            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, batch.get("micro", 0)))
+            draw = self.diffusion.noise(target.cpu(), g)
+            x0 = draw.pop("x0")[mine].to(self.device)
+            prior_inputs = {k: v[mine].to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in draw.items()}
         if epoch < self.mix_epochs:
             # Mix over the global batch with a generator every rank shares, then keep this rank's slice.
             everyone = distributed.gather(voxels)
             rng = np.random.default_rng([self.cfg.seed, step, batch.get("micro", 0)])
             mixed, perm, betas = mix_voxels(everyone, rng, self.cfg.loss.mix_prob, self.cfg.loss.mix_alpha)
-            m = len(voxels)
-            _, proj = engine(mixed[self.rank * m : (self.rank + 1) * m].to(dtype))
+            _, proj, *pred = engine(mixed[mine].to(dtype), **prior_inputs)
             tau = self.cfg.loss.mix_tau
             loss = bimixco(distributed.gather(proj.float(), with_grad=True), target, perm, betas, tau)
             name = "bimixco"
         else:
             tau = self.soft_taus[epoch - self.mix_epochs]
-            _, proj = engine(voxels.to(dtype))
+            _, proj, *pred = engine(voxels.to(dtype), **prior_inputs)
             loss = soft_clip(distributed.gather(proj.float(), with_grad=True), target, tau)
             name = "softclip"
-        return loss, {"loss": loss.item(), name: loss.item(), "temperature": tau}
+        values = {name: loss.item(), "temperature": tau}
+        if pred:
+            prior_mse = F.mse_loss(pred[0].float(), x0)
+            loss = loss + self.cfg.prior.loss_weight * prior_mse
+            values["prior_mse"] = distributed.mean(prior_mse.detach()).item()
+        return loss, {"loss": loss.item(), **values}
 
     @torch.no_grad()
-    def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32,
+                   prior: bool | None = None) -> dict[str, torch.Tensor]:
         """A split's retrieval pairs, on CPU: "brain" (projector outputs for repeat-averaged
-        voxels, float32 [N, T, D]), "image" (CLIP targets) and "image_ids".
+        voxels, float32 [N, T, D]), "image" (CLIP targets) and "image_ids"; with `prior`
+        (default: when the prior is trained and `prior.eval_sampling`), also "backbone"
+        (backbone tokens) and "prior" (image tokens sampled by the prior).
 
         `forward` is the DeepSpeed engine or the bare model; both return (backbone, projector).
         """
-        if split not in self._eval_splits:
-            self._eval_splits[split] = load_split(self.root, self.manifest, self.cfg.data.subject, split, self.cfg.data.verify_checksums)
-        arrays = self._eval_splits[split]
+        if prior is None:
+            prior = self.diffusion is not None and self.cfg.prior.eval_sampling
+        arrays = self.data.split(split)
         voxels, step = arrays.repeat_mean(), self.cfg.eval.batch_size
-        brain = [forward(voxels[s : s + step].to(self.device, dtype))[1].float().cpu() for s in range(0, len(voxels), step)]
-        return {"brain": torch.cat(brain), "image": self.targets[arrays.image_ids], "image_ids": arrays.image_ids}
+        out: dict[str, list] = {"brain": [], "backbone": [], "prior": []}
+        for s in range(0, len(voxels), step):
+            tokens, proj = forward(voxels[s : s + step].to(self.device, dtype))
+            out["brain"].append(proj.float().cpu())
+            if prior:
+                out["backbone"].append(tokens.float().cpu())
+                g = torch.Generator(self.device).manual_seed(self.cfg.eval.seed + s)
+                out["prior"].append(self.diffusion.sample(tokens, self.cfg.prior.guidance, g, self.cfg.prior.sample_steps).float().cpu())
+        pairs = {k: torch.cat(v) for k, v in out.items() if v}
+        return {**pairs, "image": self.targets[arrays.image_ids], "image_ids": arrays.image_ids}
 
     def evaluate(self, engine, split: str) -> dict[str, float]:
-        """Retrieval on a split. Every rank runs the same forwards (ZeRO-3 needs all ranks in step)."""
-        pairs = self.embeddings(engine, split, _engine_dtype(engine))
+        """Retrieval on a split (and, on test with the prior, of prior samples). Every rank runs
+        the same forwards (ZeRO-3 needs all ranks in step)."""
+        pairs = self.embeddings(engine, split, engine_dtype(engine), prior=None if split == "test" else False)
+        return self.score(pairs)
+
+    def score(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
         e = self.cfg.eval
-        return retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed)
+        results = retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed)
+        if "prior" in pairs:
+            sampled = retrieval(pairs["prior"], pairs["image"], e.n_way, e.n_trials, e.seed)
+            results.update({f"prior_{k}": v for k, v in sampled.items() if k.startswith(("forward", "backward"))})
+        return results

@@ -1,0 +1,168 @@
+"""MindEye 1, low-level pipeline: voxels -> a Stable Diffusion VAE latent of the seen image.
+
+Loss = L1(predicted, true latent) / 0.18215 + 0.1 x soft contrastive loss between the
+branch's per-position features and a frozen ConvNeXt's features of the image (clean and
+augmented views, temperature 0.075). True latents (VAE posterior means of the stimuli) and
+the stimuli at the teacher's resolution are computed once and cached. Scored by the L1 and
+the per-sample Pearson correlation of predicted and true latents.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torchvision.transforms import v2
+
+from data.targets import cached_targets
+from models.convnext_features import build_convnext_features
+from models.image_variation import encode_images, load_vae
+from models.lowlevel import LowLevelDecoder
+from train import distributed
+from train.config import ConfigError, RunConfig
+from train.losses import soft_contrastive
+from train.recipes.subject_data import SubjectData, engine_dtype
+
+
+@dataclass
+class VAEConfig:
+    weights: str = ""  # local diffusers folder with a vae/ subfolder (Versatile or Stable Diffusion), or "random"
+    image_size: int = 512  # stimuli are resized to this before encoding
+    seed: int = 0  # initialisation of a random VAE
+    batch_size: int = 16
+
+
+@dataclass
+class TinyConvNeXtConfig:
+    dims: list[int] = field(default_factory=lambda: [16, 32, 64])
+    depths: list[int] = field(default_factory=lambda: [1, 1, 1])
+
+
+@dataclass
+class TeacherConfig:
+    arch: str = "convnext_xlarge"  # convnext_large, convnext_xlarge, or tiny (random weights only)
+    weights: str = ""  # local torchvision-layout state dict, or "random"
+    stage: int = 2  # features after this stage (stride 8; 512 channels for xlarge)
+    image_size: int = 256
+    seed: int = 0
+    tiny: Optional[TinyConvNeXtConfig] = None
+
+
+@dataclass
+class ModelConfig:
+    hidden: int = 4096
+    n_blocks: int = 4
+    map_channels: int = 64
+    map_side: int = 16
+    decoder_channels: list[int] = field(default_factory=lambda: [64, 128, 256])
+    norm_groups: int = 32
+    feature_hidden: int = 512
+    input_dropout: float = 0.5
+    block_dropout: float = 0.25
+    checkpoint_blocks: bool = False
+
+
+@dataclass
+class LossConfig:
+    latent_scale: float = 0.18215  # L1 is divided by the VAE's scaling factor
+    contrastive_weight: float = 0.1
+    contrastive_tau: float = 0.075
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+
+
+@dataclass
+class Config(RunConfig):
+    recipe: str = "mindeye_lowlevel"
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _resized(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 [B, H, W, 3] -> float [B, 3, size, size] in [0, 1]."""
+    x = images.permute(0, 3, 1, 2).float() / 255.0
+    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+
+
+def _encode(vae, size: int, images: torch.Tensor) -> torch.Tensor:
+    return encode_images(vae, _resized(images, size))
+
+
+class Recipe:
+    def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        for key in ("vae.weights", "teacher.weights"):
+            if not OmegaConf.select(cfg, key):
+                raise ConfigError(f"{key} is not set: give a local weights path, or 'random'")
+        v, t = cfg.vae, cfg.teacher
+        vae = load_vae(v.weights, "vae.weights", v.seed, v.image_size // 4)  # first: missing files fail fast
+        self.data = SubjectData(cfg)
+        self.root, self.manifest = self.data.root, self.data.manifest
+        s, cache = cfg.data.subject, self.data.cache
+        self.latents = cached_targets(partial(_encode, vae, v.image_size),
+                                      {"kind": "vae", "weights": v.weights, "seed": v.seed, "size": v.image_size},
+                                      self.root, self.manifest, s, cache, v.batch_size, "VAE latents")
+        self.images = cached_targets(lambda im: (_resized(im, t.image_size) * 255).round().to(torch.uint8),
+                                     {"kind": "images", "size": t.image_size}, self.root, self.manifest, s, cache,
+                                     64, "stimuli for the ConvNeXt teacher")
+        m = cfg.model
+        latent_shape = tuple(self.latents.values.shape[1:])
+        tiny = OmegaConf.to_container(t.tiny) if t.tiny is not None else None
+        self.teacher = build_convnext_features(t.arch, t.weights, t.stage, t.image_size, m.map_side, t.seed, tiny).to(device)
+        self.model = LowLevelDecoder(self.data.n_voxels, m.hidden, m.n_blocks, m.map_channels, m.map_side,
+                                     tuple(m.decoder_channels), latent_shape[0], m.norm_groups, self.teacher.channels,
+                                     m.feature_hidden, m.input_dropout, m.block_dropout, m.checkpoint_blocks)
+        side = self.model.latent_side
+        if latent_shape[1:] != (side, side):
+            raise ConfigError(f"model.map_side={m.map_side} with {len(m.decoder_channels)} decoder blocks gives {side}x{side} "
+                              f"latents, but the VAE gives {latent_shape[1]}x{latent_shape[2]} (vae.image_size={v.image_size})")
+        self.augment = v2.Compose([
+            v2.RandomResizedCrop(t.image_size, scale=(0.6, 1.0), antialias=True),
+            v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ])
+        if train:
+            self.loader = self.data.loader(rank, world)
+
+    def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
+        ids = batch["image_ids"]
+        voxels = batch["voxels"].to(self.device, engine_dtype(engine))
+        latents, features = engine(voxels)
+        l1 = F.l1_loss(latents.float(), self.latents[ids].to(self.device)) / self.cfg.loss.latent_scale
+        images = self.images[ids].to(self.device).float() / 255.0
+        with torch.no_grad():
+            teacher = self.teacher(images)
+            teacher_aug = self.teacher(torch.stack([self.augment(im) for im in images]))
+        c = self.cfg.loss
+        cont = soft_contrastive(distributed.gather(features.float(), with_grad=True), distributed.gather(teacher),
+                                distributed.gather(teacher_aug), c.contrastive_tau)
+        loss = l1 + c.contrastive_weight * cont
+        return loss, {"loss": loss.item(), "latent_l1": distributed.mean(l1.detach()).item(), "contrastive": cont.item()}
+
+    @torch.no_grad()
+    def predict(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Predicted latents for a split's repeat-averaged voxels, on CPU: "latents" (float32
+        [N, 4, S, S], already multiplied by the VAE scaling factor), "target", "image_ids"."""
+        arrays = self.data.split(split)
+        voxels, step = arrays.repeat_mean(), self.cfg.eval.batch_size
+        pred = [forward(voxels[s : s + step].to(self.device, dtype))[0].float().cpu() for s in range(0, len(voxels), step)]
+        return {"latents": torch.cat(pred), "target": self.latents[arrays.image_ids], "image_ids": arrays.image_ids}
+
+    def evaluate(self, engine, split: str) -> dict[str, float]:
+        return self.score(self.predict(engine, split, engine_dtype(engine)))
+
+    def score(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
+        p, t = pairs["latents"].flatten(1), pairs["target"].flatten(1)
+        pc, tc = p - p.mean(1, keepdim=True), t - t.mean(1, keepdim=True)
+        r = (pc * tc).sum(1) / (pc.norm(dim=1) * tc.norm(dim=1)).clamp_min(1e-12)
+        return {"latent_l1": (p - t).abs().mean().item() / self.cfg.loss.latent_scale, "latent_pearson": r.mean().item(),
+                "n_samples": len(p)}
