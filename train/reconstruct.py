@@ -48,6 +48,10 @@ def _recipe(ckpt: Checkpoint, device: torch.device):
     return recipe
 
 
+def _vae_source(weights: str, seed: int) -> tuple:
+    return (weights, seed) if weights == "random" else (weights,)
+
+
 def best_of(candidates: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Index of the candidate [B, N, ...] most cosine-similar to its reference [B, ...]."""
     c = F.normalize(candidates.flatten(2).float(), dim=-1)
@@ -68,9 +72,10 @@ def reconstruct(ckpt: Checkpoint, out: Path, lowlevel: Checkpoint | None, device
     dim = recipe.targets.values.shape[-1]
     pipe = load_image_variation(gen.weights, "generation.weights", dim, gen.seed, gen.sample_size).to(device)
     low = _recipe(lowlevel, device) if lowlevel is not None else None
-    if low is not None and lowlevel.cfg.vae.weights != gen.weights:
-        print(f"warning: the low-level run's VAE ({lowlevel.cfg.vae.weights}) is not generation.weights ({gen.weights}); "
-              "its latents are decoded with the latter", file=sys.stderr)
+    if low is not None and _vae_source(lowlevel.cfg.vae.weights, lowlevel.cfg.vae.seed) != _vae_source(gen.weights, gen.seed):
+        print(f"warning: the low-level run's VAE (vae.weights={lowlevel.cfg.vae.weights}, seed {lowlevel.cfg.vae.seed}) "
+              f"is not the generator's (generation.weights={gen.weights}, seed {gen.seed}); its latents are decoded "
+              "with the latter", file=sys.stderr)
 
     arrays = recipe.data.split("test")
     ids = arrays.image_ids.tolist()

@@ -156,10 +156,10 @@ class Recipe:
         prior_inputs = {}
         if self.diffusion is not None:
             # One draw for the global batch from a generator every rank seeds alike; keep this rank's slice.
-            g = torch.Generator().manual_seed(step_seed(self.cfg.seed, step, batch.get("micro", 0)))
-            draw = self.diffusion.noise(target.cpu(), g)
-            x0 = draw.pop("x0")[mine].to(self.device)
-            prior_inputs = {k: v[mine].to(self.device, dtype if v.is_floating_point() else v.dtype) for k, v in draw.items()}
+            g = torch.Generator(self.device).manual_seed(step_seed(self.cfg.seed, step, batch.get("micro", 0)))
+            draw = self.diffusion.noise(target, g)
+            x0 = draw.pop("x0")[mine]
+            prior_inputs = {k: v[mine].to(dtype) if v.is_floating_point() else v[mine] for k, v in draw.items()}
         if epoch < self.mix_epochs:
             # Mix over the global batch with a generator every rank shares, then keep this rank's slice.
             everyone = distributed.gather(voxels)
@@ -174,12 +174,13 @@ class Recipe:
             _, proj, *pred = engine(voxels.to(dtype), **prior_inputs)
             loss = soft_clip(distributed.gather(proj.float(), with_grad=True), target, tau)
             name = "softclip"
-        values = {name: loss.item(), "temperature": tau}
+        values = {"loss": loss.item(), name: loss.item(), "temperature": tau}
         if pred:
-            prior_mse = F.mse_loss(pred[0].float(), x0)
+            prior_mse = F.mse_loss(pred[0].float(), x0)  # this rank's share; DeepSpeed averages the gradients
             loss = loss + self.cfg.prior.loss_weight * prior_mse
-            values["prior_mse"] = distributed.mean(prior_mse.detach()).item()
-        return loss, {"loss": loss.item(), **values}
+            values["prior_mse"] = distributed.mean(prior_mse.detach()).item()  # over the global batch
+            values["loss"] += self.cfg.prior.loss_weight * values["prior_mse"]
+        return loss, values
 
     @torch.no_grad()
     def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32,
