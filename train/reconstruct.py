@@ -100,10 +100,10 @@ def reconstruct(ckpt: Checkpoint, out: Path, lowlevel: Checkpoint | None, device
             scores = encoder(images.flatten(0, 1)).unflatten(0, images.shape[:2])
             best = best_of(scores, proj)
             blurry = pipe.decode(init) if init is not None else None
-        for j, i in enumerate(index):
-            atomic_write_bytes(out / f"{ids[i]}.png", png_bytes(images[j, best[j]]))
+        for j, i in enumerate(index):  # the reconstruction last: its presence marks the sample done
             if blurry is not None:
                 atomic_write_bytes(out / "lowlevel" / f"{ids[i]}.png", png_bytes(blurry[j]))
+            atomic_write_bytes(out / f"{ids[i]}.png", png_bytes(images[j, best[j]]))
         written += len(index)
         bar.update(len(index))
     bar.close()
