@@ -2,7 +2,7 @@
 
 Both loaders yield, for each optimizer step, `grad_accum` micro-batches for this rank:
 dicts with `voxels` (float32 [m, V], one repeat drawn at random per sample and epoch),
-`image_ids` and `labels`. Both restart exactly from any step, so `--resume` replays the
+`image_ids`, `labels` and (memory loader) `subjects`. Both restart exactly from any step, so `--resume` replays the
 batches an uninterrupted run would have seen.
 
 - MemoryLoader (default): the split lives in memory; each epoch draws one global
@@ -52,6 +52,7 @@ class MemoryLoader:
                     "voxels": self.split.voxels[idx, repeat[idx]].float(),
                     "image_ids": self.split.image_ids[idx],
                     "labels": self.split.labels[idx],
+                    "subjects": self.split.subjects[idx],
                 })
             yield micro_batches
 

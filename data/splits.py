@@ -7,6 +7,7 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 import webdataset as wds
 
 from data.shards import DataError, decode_sample, split_shards, verify_shard
@@ -61,12 +62,14 @@ def stream_split(root: Path, manifest: dict, subject: int, split: str, seed: int
 
 @dataclass
 class SplitArrays:
-    """A whole split in memory. Voxel repeats beyond a sample's count are zero."""
+    """A whole split in memory, of one subject or several. Voxel repeats beyond a sample's
+    count are zero, and so are voxels beyond its subject's count (several subjects)."""
 
     voxels: torch.Tensor  # float16 [N, R, V]
     n_repeats: torch.Tensor  # int64 [N]
     image_ids: torch.Tensor  # int64 [N]
     labels: torch.Tensor  # float32 [N, C]
+    subjects: torch.Tensor  # int64 [N], subject ids as in the manifest
 
     def __len__(self) -> int:
         return len(self.image_ids)
@@ -90,4 +93,13 @@ def load_split(root: Path, manifest: dict, subject: int, split: str, verify: boo
         torch.tensor([len(s["voxels"]) for s in samples]),
         torch.tensor([s["image_id"] for s in samples]),
         torch.from_numpy(np.stack([s["labels"] for s in samples])),
+        torch.full((len(samples),), subject),
     )
+
+
+def concat_splits(parts: list[SplitArrays]) -> SplitArrays:
+    """Several subjects' splits as one, voxels and repeats zero-padded to the largest."""
+    r, v = max(p.voxels.shape[1] for p in parts), max(p.voxels.shape[2] for p in parts)
+    voxels = torch.cat([F.pad(p.voxels, (0, v - p.voxels.shape[2], 0, r - p.voxels.shape[1])) for p in parts])
+    return SplitArrays(voxels, *(torch.cat([getattr(p, k) for p in parts])
+                                 for k in ("n_repeats", "image_ids", "labels", "subjects")))

@@ -1,5 +1,5 @@
-"""Per-image targets (CLIP tokens, VAE latents, resized stimuli), computed once per
-(dataset, encoder, subject) and cached on disk.
+"""Per-image targets (CLIP tokens, VAE latents, resized stimuli, CLIP features), computed
+once per (dataset, encoder, subjects) and cached on disk.
 
 The cache holds `ids.npy` (image ids) and `targets.npy` (float16, or uint8 for images,
 [N, ...]); runs open it memory-mapped, so ranks on one node share one copy in the page cache.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,47 +36,61 @@ class TargetTable:
         return torch.from_numpy(values if values.dtype == np.uint8 else values.astype(np.float32))
 
 
-def _cache_folder(cache: Path, dataset: Path, key: dict, subject: int) -> Path:
+def _cache_folder(cache: Path, dataset: Path, key: dict, subjects: list[int]) -> Path:
     data_fp = hashlib.sha256((dataset / MANIFEST).read_bytes()).hexdigest()[:12]
     key_fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
-    return cache / "targets" / f"{data_fp}-{key_fp}" / f"subj{subject:02d}"
+    if len(subjects) == 1:
+        name = f"subj{subjects[0]:02d}"
+    else:
+        name = f"{len(subjects)}subjects-" + hashlib.sha256(json.dumps(subjects).encode()).hexdigest()[:10]
+    return cache / "targets" / f"{data_fp}-{key_fp}" / name
 
 
-def cached_targets(encoder: Callable[[torch.Tensor], torch.Tensor], key: dict, dataset: Path, manifest: dict,
-                   subject: int, cache: Path, batch_size: int = 64, what: str = "CLIP targets") -> TargetTable:
-    """`encoder(uint8 images [B, H, W, 3])` for every image the subject saw (all splits),
-    computed on first use. `key` identifies the encoder (architecture, weights, kind) in the
-    cache name; `what` names the work in the progress bar.
+def cached_targets(encoder: Callable[..., torch.Tensor], key: dict, dataset: Path, manifest: dict,
+                   subjects: int | Sequence[int], cache: Path, batch_size: int = 64, what: str = "CLIP targets",
+                   with_captions: bool = False) -> TargetTable:
+    """`encoder(uint8 images [B, H, W, 3])` (with `with_captions`, `encoder(images, captions)`
+    with each image's first caption) for every image the subjects saw (all splits), computed
+    on first use. `key` identifies the encoder (architecture, weights, kind) in the cache
+    name; `what` names the work in the progress bar.
     """
-    folder = _cache_folder(cache, dataset, key, subject)
+    subjects = [subjects] if isinstance(subjects, int) else sorted(subjects)
+    folder = _cache_folder(cache, dataset, key, subjects)
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder) + ".lock"):
         if not (folder / "targets.npy").is_file():
-            _compute(encoder, dataset, manifest, subject, folder, batch_size, what)
+            _compute(encoder, dataset, manifest, subjects, folder, batch_size, what, with_captions)
     return TargetTable(folder)
 
 
-def _compute(encoder, dataset, manifest, subject, folder: Path, batch_size: int, what: str) -> None:
-    ids, images, out = [], [], []
+def _compute(encoder, dataset, manifest, subjects: list[int], folder: Path, batch_size: int, what: str,
+             with_captions: bool) -> None:
+    ids, images, captions, out = [], [], [], []
     seen: set[int] = set()
 
     def flush():
-        values = encoder(torch.from_numpy(np.stack(images)))
+        batch = torch.from_numpy(np.stack(images))
+        values = encoder(batch, list(captions)) if with_captions else encoder(batch)
         out.append((values if values.dtype == torch.uint8 else values.to(torch.float16)).cpu().numpy())
         images.clear()
+        captions.clear()
 
-    total = sum(s["n_samples"] for s in manifest["subjects"][str(subject)]["splits"].values())
-    with torch.inference_mode(), tqdm(total=total, desc=f"{what}, subject {subject}", mininterval=2) as bar:
-        for split in manifest["subjects"][str(subject)]["splits"]:
-            for sample in iter_split(dataset, manifest, subject, split, with_images=True):
-                bar.update()
-                if sample["image_id"] in seen:
-                    continue
-                seen.add(sample["image_id"])
-                ids.append(sample["image_id"])
-                images.append(decode_image(sample["image_png"]))
-                if len(images) == batch_size:
-                    flush()
+    entries = [manifest["subjects"][str(s)]["splits"] for s in subjects]
+    total = sum(split["n_samples"] for splits in entries for split in splits.values())
+    label = f"subject {subjects[0]}" if len(subjects) == 1 else f"{len(subjects)} subjects"
+    with torch.inference_mode(), tqdm(total=total, desc=f"{what}, {label}", mininterval=2) as bar:
+        for subject, splits in zip(subjects, entries):
+            for split in splits:
+                for sample in iter_split(dataset, manifest, subject, split, with_images=True):
+                    bar.update()
+                    if sample["image_id"] in seen:
+                        continue
+                    seen.add(sample["image_id"])
+                    ids.append(sample["image_id"])
+                    images.append(decode_image(sample["image_png"]))
+                    captions.append(sample["captions"][0] if sample["captions"] else "")
+                    if len(images) == batch_size:
+                        flush()
         if images:
             flush()
     tmp = folder.with_name(f".{folder.name}.tmp{os.getpid()}")

@@ -1,6 +1,7 @@
 """Score a checkpoint: `python -m eval --checkpoint RUN_DIR [--recons PATH]`.
 
-Retrieval on the checkpoint's test split always; with --recons (a folder of <test id>.png
+A label decoder (CLIP-MUSED) gets per-subject mAP, ROC AUC and Hamming loss. An embedding
+decoder (MindEye) gets retrieval on the checkpoint's test split always; with --recons (a folder of <test id>.png
 files or a tensor file) also PixCorr, SSIM, two-way identification (AlexNet 2/5,
 InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1. Writes
 results.json, table.md, retrievals.png and reconstructions.png into --out (default
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print((out / "table.md").read_text())
-    print(f"report written to {out} ({', '.join(Path(f).name for f in results['figures'])}, results.json, table.md)")
+    print(f"report written to {out} ({', '.join([*(Path(f).name for f in results['figures']), 'results.json', 'table.md'])})")
     return 0
 
 

@@ -101,6 +101,25 @@ def markdown_table(results: dict[str, float], name: str, notes: list[str]) -> st
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
+def score_multilabel(recipe, ckpt: Checkpoint, out_dir: Path) -> dict:
+    """Per-subject multi-label decoding (mAP, ROC AUC, Hamming loss) on the test split;
+    writes results.json and table.md (one row per subject, then the mean)."""
+    recipe.model.load_state_dict(ckpt.state)
+    model = recipe.model.to(recipe.device).eval()
+    scores = recipe.score(model, "test")
+    results = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, "subjects": recipe.subjects, **scores, "figures": []}
+    lines = ["| Subject | mAP | AUC | Hamming |", "|---|---|---|---|"]
+    rows = [(f"subj{s:02d}", f"/subj{s:02d}") for s in recipe.subjects] if ckpt.cfg.eval.per_subject else []
+    for label, suffix in [*rows, (f"mean of {len(recipe.subjects)}", "")]:
+        lines.append(f"| {label} | " + " | ".join(f"{scores[k + suffix]:.4f}" for k in ("map", "auc", "hamming")) + " |")
+    notes = [f"checkpoint {ckpt.source}, test split, repeat-averaged voxels",
+             "AUC: mean over the classes with both labels in a subject's test set; Hamming loss at 0.5"]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write_text(out_dir / "table.md", "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n")
+    return results
+
+
 def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, opts: ImageMetricOptions,
                      n_figure: int = 6) -> dict:
     """Retrieval (and, with reconstructions, every image metric) on the checkpoint's test split.
@@ -108,6 +127,10 @@ def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, 
     Writes results.json, table.md, retrievals.png and reconstructions.png into `out_dir`.
     """
     module = __import__(f"train.recipes.{ckpt.cfg.recipe}", fromlist=["Recipe"])
+    if hasattr(module.Recipe, "predict_labels"):
+        if recons_path is not None:
+            raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} decodes labels, not images; drop --recons")
+        return score_multilabel(module.Recipe(ckpt.cfg, 0, 1, opts.device, train=False), ckpt, out_dir)
     extractors = load_extractors(opts) if recons_path is not None else {}  # missing weights fail before any work
     if not hasattr(module.Recipe, "embeddings"):
         raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} predicts no embeddings to score; score the "

@@ -24,6 +24,31 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+def clip_preprocess(images: torch.Tensor, image_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S].
+
+    Bicubic (antialiased) resize of the shortest side to `image_size`, centre crop, then
+    (x - mean) / std with mean, std of shape [1, 3, 1, 1].
+    """
+    if images.dtype == torch.uint8:
+        images = images.permute(0, 3, 1, 2).float() / 255.0
+    h, w = images.shape[-2:]
+    scale = image_size / min(h, w)
+    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
+    images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    images = images[..., top : top + image_size, left : left + image_size]
+    return (images - mean) / std
+
+
+def load_open_clip(arch: str, weights: str) -> open_clip.CLIP:
+    """The open_clip model `arch` with weights from the local checkpoint file `weights`."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: CLIP weights not found (set clip.weights to a local open_clip checkpoint for {arch})")
+    return open_clip.create_model(arch, pretrained=str(path))
+
+
 class FrozenCLIPImage(nn.Module):
     def __init__(self, visual: VisionTransformer, image_size: int, target: str = "tokens"):
         super().__init__()
@@ -39,16 +64,7 @@ class FrozenCLIPImage(nn.Module):
         return (self.visual.grid_size[0] * self.visual.grid_size[1] + 1, dim) if self.target == "tokens" else (1, dim)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S]."""
-        if images.dtype == torch.uint8:
-            images = images.permute(0, 3, 1, 2).float() / 255.0
-        h, w = images.shape[-2:]
-        scale = self.image_size / min(h, w)
-        size = (max(self.image_size, round(h * scale)), max(self.image_size, round(w * scale)))
-        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-        top, left = (size[0] - self.image_size) // 2, (size[1] - self.image_size) // 2
-        images = images[..., top : top + self.image_size, left : left + self.image_size]
-        return (images - self.mean) / self.std
+        return clip_preprocess(images, self.image_size, self.mean, self.std)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -73,8 +89,5 @@ def build_clip_image(arch: str, weights: str, target: str, seed: int = 0, tiny: 
             torch.manual_seed(seed)
             visual = VisionTransformer(mlp_ratio=4.0, **tiny)
         return FrozenCLIPImage(visual, tiny["image_size"], target)
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: CLIP weights not found (set clip.weights to a local open_clip checkpoint for {arch})")
-    model = open_clip.create_model(arch, pretrained=str(path))
+    model = load_open_clip(arch, weights)
     return FrozenCLIPImage(model.visual, model.visual.image_size[0], target)

@@ -61,3 +61,19 @@ def test_existing_checkpoint_is_not_overwritten(capsys, tmp_path):
 def test_resume_without_checkpoint_is_an_error(capsys, tmp_path):
     assert main.main(["--resume", f"run_dir={tmp_path}"]) == 2
     assert "no checkpoint to resume" in capsys.readouterr().err
+
+
+def test_a_config_can_start_from_a_base_file(tmp_path):
+    (tmp_path / "a.yaml").write_text(f"base: {TINY}\ntrain: {{epochs: 5}}\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\nmodel: {hidden: 96}\n")
+    cfg = config.load(tmp_path / "b.yaml", ["train.lr=0.01"])
+    base = config.load(TINY, [])
+    assert (cfg.train.epochs, cfg.model.hidden, cfg.train.lr) == (5, 96, 0.01)
+    assert cfg.model.n_blocks == base.model.n_blocks and cfg.clip == base.clip
+    (tmp_path / "c.yaml").write_text("base: d.yaml\n")
+    (tmp_path / "d.yaml").write_text("base: c.yaml\n")
+    with pytest.raises(config.ConfigError, match="cycle"):
+        config.load(tmp_path / "c.yaml", [])
+    (tmp_path / "e.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(config.ConfigError, match="missing.yaml: config file not found"):
+        config.load(tmp_path / "e.yaml", [])

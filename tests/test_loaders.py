@@ -2,12 +2,12 @@ import torch
 
 from data.loaders import MemoryLoader, StreamLoader
 from data.shards import load_manifest
-from data.splits import SplitArrays, load_split, stream_split
+from data.splits import SplitArrays, concat_splits, load_split, stream_split
 
 
 def _split(n=40, r=3, v=6) -> SplitArrays:
     voxels = torch.arange(n * r * v, dtype=torch.float16).view(n, r, v) / 100
-    return SplitArrays(voxels, torch.full((n,), r), torch.arange(n) + 1000, torch.zeros(n, 20))
+    return SplitArrays(voxels, torch.full((n,), r), torch.arange(n) + 1000, torch.zeros(n, 20), torch.ones(n, dtype=torch.long))
 
 
 def _steps(loader, epoch, start=0):
@@ -69,3 +69,15 @@ def test_stream_loader_batches_and_replays_on_resume(small_dataset, monkeypatch)
     assert len(epoch0) == 6 and all(len(s[0]) == 16 for s in epoch0)
     assert sorted(i for s in epoch0 for i in s[0]) == sorted(load_split(small_dataset, m, 1, "train").image_ids.tolist())
     assert _steps(loader(), 1, start=2) == epoch1[2:]
+
+
+def test_subjects_concatenate_padded_and_batches_mix_them(small_dataset):
+    m = load_manifest(small_dataset)
+    parts = [load_split(small_dataset, m, s, "train") for s in (1, 2)]  # 300 and 260 voxels
+    both = concat_splits(parts)
+    assert both.voxels.shape == (192, 3, 300) and both.subjects.tolist() == [1] * 96 + [2] * 96
+    assert (both.voxels[96:, :, 260:] == 0).all() and torch.equal(both.voxels[96:, :, :260], parts[1].voxels)
+    batch = next(MemoryLoader(both, 32, 1, 0, 1, seed=0).epoch(0))[0]
+    assert set(batch["subjects"].tolist()) == {1, 2}
+    rows = [torch.nonzero(both.image_ids == i).item() for i in batch["image_ids"]]
+    assert batch["subjects"].tolist() == both.subjects[rows].tolist()

@@ -1,8 +1,18 @@
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip, soft_contrastive
+from train.losses import (
+    bimixco,
+    cosine_anneal,
+    mix_voxels,
+    orthogonality_loss,
+    rsa_loss,
+    similarity_matrix,
+    soft_clip,
+    soft_contrastive,
+)
 
 
 def test_bimixco_without_mixing_is_symmetric_clip_loss():
@@ -67,3 +77,21 @@ def test_soft_contrastive_prefers_a_student_that_matches_the_teacher():
     shuffled = soft_contrastive(teacher[:, torch.randperm(9)], teacher, aug, 0.075)
     assert matched < shuffled
     assert torch.isclose(soft_contrastive(2 * teacher, teacher, aug, 0.075), matched)  # cosine: scale-free
+
+
+def test_rsa_loss_compares_similarity_structure_not_features():
+    torch.manual_seed(0)
+    x = torch.randn(6, 10)
+    rotation = torch.linalg.qr(torch.randn(10, 10))[0]
+    assert rsa_loss(x, 3.0 * x @ rotation).item() == pytest.approx(0.0, abs=1e-10)  # same RSM
+    y = torch.randn(6, 4)  # features of another size are fine: only the 6 x 6 RSMs meet
+    a, b = F.normalize(x, dim=-1), F.normalize(y, dim=-1)
+    expected = ((a @ a.T - b @ b.T) ** 2).sum() / 36
+    torch.testing.assert_close(rsa_loss(x, y), expected)
+    torch.testing.assert_close(similarity_matrix(x).diagonal(), torch.ones(6))
+
+
+def test_orthogonality_loss_is_the_mean_squared_cross_product():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert orthogonality_loss(a, torch.tensor([[0.0, 3.0], [1.0, 0.0]])).item() == pytest.approx((0 + 1 + 36 + 0) / 4)
+    assert orthogonality_loss(a, torch.tensor([[0.0, 0.0], [0.0, 0.0]])).item() == 0.0

@@ -59,3 +59,18 @@ def test_repeats_carry_signal_and_independent_noise(small_dataset):
     reliability = (a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0))
     assert np.quantile(reliability, 0.9) > 0.3
     assert np.quantile(reliability, 0.3) < 0.15
+
+
+def test_common_space_subjects_share_the_voxel_layout_and_most_tuning(tmp_path):
+    """Voxel i responds alike in every common-space subject (shared test images, repeat
+    averages); in native space the same index means unrelated voxels."""
+    sim = dict(seed=5, n_subjects=2, voxels=[200], n_test=60, n_train=8, n_val=4, image_size=64)
+    r = {}
+    for common in (True, False):
+        root = build(SimulatorConfig(**sim, common_space=common), tmp_path / f"common{common}")
+        m = load_manifest(root)
+        assert [m["subjects"][s]["n_voxels"] for s in ("1", "2")] == [200, 200] and m["common_space"] == common
+        a, b = (load_split(root, m, s, "test").repeat_mean().numpy() for s in (1, 2))
+        a, b = a - a.mean(0), b - b.mean(0)
+        r[common] = np.median((a * b).sum(0) / np.sqrt((a * a).sum(0) * (b * b).sum(0)))
+    assert r[True] > 0.3 and abs(r[False]) < 0.15

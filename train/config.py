@@ -2,7 +2,8 @@
 
 Any key can be overridden on the command line as `key=value` (dotted paths, e.g.
 `train.epochs=10 model.hidden=1024`); `ds.<key>=value` overrides a key of the DeepSpeed
-JSON. Unknown keys and ill-typed values are errors naming the key.
+JSON. Unknown keys and ill-typed values are errors naming the key. A YAML file may start
+from another with `base: other.yaml` (a path relative to it) and change only some keys.
 """
 from __future__ import annotations
 
@@ -39,10 +40,14 @@ class TrainConfig:
     epochs: int = 240
     batch_size: int = 32  # global: samples per optimizer step over all ranks
     grad_accum: int = 1
-    lr: float = 3e-4  # OneCycle maximum
-    weight_decay: float = 1e-2  # not applied to biases and norms
+    lr: float = 3e-4  # OneCycle maximum, or the starting lr of the step schedule
+    lr_scale: dict[str, float] = field(default_factory=dict)  # parameter-name substring -> lr multiplier
+    weight_decay: float = 1e-2  # not applied to biases and norms (0: plain Adam)
+    schedule: str = "one_cycle"  # "one_cycle", or "step": lr x step_gamma every step_epochs epochs
     pct_start: Optional[float] = None  # OneCycle warm-up share; default 2 / epochs
     final_div_factor: float = 1000.0
+    step_epochs: int = 25
+    step_gamma: float = 0.7
     grad_clip: float = 1.0
     checkpoint_every: int = 500  # steps; a checkpoint is also written at the end
     val_every: int = 0  # steps; 0 = at the end of every epoch
@@ -64,15 +69,27 @@ def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def load(path: Path, overrides: list[str]) -> DictConfig:
-    """Read a recipe YAML, merge the overrides, validate against the recipe's schema."""
-    path = Path(path)
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's keys, on top of those of its `base` file (if any)."""
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: base files form a cycle")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({_first_line(e)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys")
+    if "base" not in raw:
+        return raw
+    base = _read_yaml(path.parent / raw.pop("base"), (*seen, path.resolve()))
+    return OmegaConf.to_container(OmegaConf.merge(base, raw))
+
+
+def load(path: Path, overrides: list[str]) -> DictConfig:
+    """Read a recipe YAML, merge the overrides, validate against the recipe's schema."""
+    raw = _read_yaml(Path(path))
     for o in overrides:
         if "=" not in o:
             raise ConfigError(f"command line: {o!r} is not a key=value override")

@@ -55,11 +55,22 @@ def deepspeed_config(path: Path, cfg: DictConfig, world: int) -> dict:
     return ds
 
 
+def param_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict]:
+    """No weight decay on biases and norm weights (every parameter with fewer than 2 dims);
+    `train.lr_scale` multiplies the lr of parameters whose name contains a key (first match)."""
+    scales = dict(cfg.train.lr_scale)
+    groups: dict[tuple[float, bool], list] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            scale = next((v for k, v in scales.items() if k in name), 1.0)
+            groups.setdefault((scale, p.ndim >= 2), []).append(p)
+    return [{"params": params, "lr": cfg.train.lr * scale, "weight_decay": cfg.train.weight_decay if decay else 0.0}
+            for (scale, decay), params in groups.items()]
+
+
 def _optimizer(model: torch.nn.Module, cfg: DictConfig, ds: dict):
-    """AdamW, no weight decay on biases and norm weights (every parameter with fewer than 2 dims)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    """AdamW over `param_groups`."""
+    groups = param_groups(model, cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -67,12 +78,19 @@ def _optimizer(model: torch.nn.Module, cfg: DictConfig, ds: dict):
     return torch.optim.AdamW(groups, lr=cfg.train.lr)
 
 
-def _one_cycle(cfg: DictConfig, total_steps: int):
-    pct = cfg.train.pct_start if cfg.train.pct_start is not None else min(0.5, 2 / cfg.train.epochs)
+def _schedule(cfg: DictConfig, steps_per_epoch: int):
+    """The lr schedule (stepped once per optimizer step), keeping each group's lr ratio."""
+    t = cfg.train
+    if t.schedule == "step":
+        return lambda opt: torch.optim.lr_scheduler.StepLR(opt, t.step_epochs * steps_per_epoch, t.step_gamma)
+    if t.schedule != "one_cycle":
+        raise ConfigError(f"train.schedule: {t.schedule!r}, expected 'one_cycle' or 'step'")
+    pct = t.pct_start if t.pct_start is not None else min(0.5, 2 / t.epochs)
 
     def make(optimizer):
-        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=cfg.train.lr, total_steps=total_steps,
-                                                   pct_start=pct, final_div_factor=cfg.train.final_div_factor)
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                                   total_steps=t.epochs * steps_per_epoch, pct_start=pct,
+                                                   final_div_factor=t.final_div_factor)
     return make
 
 
@@ -136,7 +154,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     total = cfg.train.epochs * spe
     last = min(total, cfg.train.max_steps or total)
     engine, *_ = deepspeed.initialize(model=recipe.model, optimizer=_optimizer(recipe.model, cfg, ds),
-                                      lr_scheduler=_one_cycle(cfg, total), config=ds)
+                                      lr_scheduler=_schedule(cfg, spe), config=ds)
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     if resume:

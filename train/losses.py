@@ -1,7 +1,6 @@
-"""MindEye's contrastive losses: BiMixCo (with voxel mixing) and SoftCLIP.
-
-Both take predictions and targets of the whole global batch, flattened per sample and
-L2-normalised inside; every rank computes the same value.
+"""Losses over the whole global batch (every rank computes the same value): MindEye's
+contrastive losses (BiMixCo with voxel mixing, SoftCLIP, the low-level soft contrastive
+loss) and CLIP-MUSED's representational-similarity and orthogonality losses.
 """
 from __future__ import annotations
 
@@ -65,3 +64,19 @@ def soft_contrastive(student: torch.Tensor, teacher: torch.Tensor, teacher_aug: 
     forward = soft_cross_entropy(s @ a.T / tau, (t @ a.T / tau).softmax(-1))
     backward = soft_cross_entropy(a @ s.T / tau, (a @ t.T / tau).softmax(-1))
     return 0.5 * (forward + backward)
+
+
+def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
+    """Representational similarity matrix [B, B]: cosine similarity between samples' features."""
+    x = _flat_norm(x)
+    return x @ x.T
+
+
+def rsa_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||RSM(pred) - RSM(target)||_F^2 / B^2."""
+    return (similarity_matrix(pred) - similarity_matrix(target)).square().mean()
+
+
+def orthogonality_loss(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """||a b^T||_F^2 / B^2 for [B, D] features: pushes the two representations apart."""
+    return (a.float() @ b.float().T).square().mean()

@@ -10,6 +10,9 @@ Two ROIs per subject:
 Each voxel gets a signal amplitude drawn from a heavy-tailed distribution (most voxels
 weak, a few strong) and a share of voxels carries no signal at all; every trial adds
 independent Gaussian noise, so the 3 repeats of an image differ as NSD's do.
+
+Subjects live in their own native space (own voxel count, layout and tuning) or, with
+`common_space`, in one shared space where voxel i has similar tuning in every subject.
 """
 from __future__ import annotations
 
@@ -123,6 +126,23 @@ def make_subject(
         amplitude=amplitude.astype(np.float32),
         voxel_order=rng.permutation(n_voxels),
     )
+
+
+def common_subject(template: SubjectModel, seed: int, individuality: float, noise_voxel_fraction: float,
+                   snr_scale: float) -> SubjectModel:
+    """A subject in a common space (as after registration to a template, e.g. MNI): the
+    template's voxel layout and, for each voxel, the template's tuning blended with the
+    subject's own in the share `individuality`; signal amplitudes are the subject's own."""
+    own = make_subject(seed, template.n_voxels, template.n_early / template.n_voxels, noise_voxel_fraction, snr_scale)
+    a = individuality
+
+    def blend(t: np.ndarray, o: np.ndarray) -> np.ndarray:
+        return ((1 - a) * t + a * o).astype(np.float32)
+
+    return SubjectModel(n_early=template.n_early, n_ventral=template.n_ventral, rf=blend(template.rf, own.rf),
+                        channel_w=blend(template.channel_w, own.channel_w), cat_w=blend(template.cat_w, own.cat_w),
+                        sem_w=blend(template.sem_w, own.sem_w), amplitude=own.amplitude,
+                        voxel_order=np.arange(template.n_voxels))
 
 
 def raw_responses(subject: SubjectModel, feature_maps: np.ndarray, labels: np.ndarray, semantic: np.ndarray) -> np.ndarray:

@@ -33,6 +33,8 @@ class SimulatorConfig:
     early_fraction: float = 0.5
     noise_voxel_fraction: float = 0.15  # voxels with no signal at all
     snr_scale: float = 1.0  # mean signal amplitude relative to trial noise
+    common_space: bool = False  # every subject in one voxel space (voxels[0] voxels), e.g. MNI-registered HCP
+    individuality: float = 0.3  # common space: each voxel's share of subject-specific tuning
     shard_max_bytes: int = 1 << 30
 
 
@@ -41,15 +43,23 @@ def _draw_images(rng: np.random.Generator, n: int, size: int):
     return (np.stack([s.image for s in scenes]), np.stack([s.labels for s in scenes]), [s.caption for s in scenes])
 
 
-def _simulate_subject(cfg: SimulatorConfig, s: int, model_seed: int, trial_seed: np.random.SeedSequence,
-                      semantic: np.ndarray, test, test_features: np.ndarray, tmp: Path) -> tuple[dict, dict]:
+def _subject_model(cfg: SimulatorConfig, s: int, model_seed: int, template_seed: int) -> brain.SubjectModel:
+    if not cfg.common_space:
+        return brain.make_subject(model_seed, cfg.voxels[s % len(cfg.voxels)], cfg.early_fraction,
+                                  cfg.noise_voxel_fraction, cfg.snr_scale)
+    template = brain.make_subject(template_seed, cfg.voxels[0], cfg.early_fraction, cfg.noise_voxel_fraction, cfg.snr_scale)
+    return brain.common_subject(template, model_seed, cfg.individuality, cfg.noise_voxel_fraction, cfg.snr_scale)
+
+
+def _simulate_subject(cfg: SimulatorConfig, s: int, model_seed: int, template_seed: int,
+                      trial_seed: np.random.SeedSequence, semantic: np.ndarray, test, test_features: np.ndarray,
+                      tmp: Path) -> tuple[dict, dict]:
     """Draw one subject's own images, simulate its responses and write its shards under `tmp`.
 
     Returns (the subject's manifest entry, its shards' records). Runs in a worker process.
     """
     subject_id = s + 1
-    model = brain.make_subject(model_seed, cfg.voxels[s % len(cfg.voxels)], cfg.early_fraction,
-                               cfg.noise_voxel_fraction, cfg.snr_scale)
+    model = _subject_model(cfg, s, model_seed, template_seed)
     trial_rng = np.random.default_rng(trial_seed)
     n_own = cfg.n_train + cfg.n_val
     own = _draw_images(trial_rng, n_own, cfg.image_size)
@@ -101,13 +111,15 @@ def build(cfg: SimulatorConfig, out: Path, workers: int | None = None) -> Path:
         "seed": cfg.seed,
         "categories": list(CATEGORY_NAMES),
         "image_size": cfg.image_size,
+        "common_space": cfg.common_space,
         "subjects": {},
         "shards": {},
     }
     workers = max(1, min(workers or os.cpu_count() or 1, cfg.n_subjects))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        jobs = [pool.submit(_simulate_subject, cfg, s, int(seeds[3 + 2 * s].generate_state(1)[0]), seeds[4 + 2 * s],
-                            semantic, test, test_features, tmp) for s in range(cfg.n_subjects)]
+        template_seed = int(seeds[2].generate_state(1)[0])
+        jobs = [pool.submit(_simulate_subject, cfg, s, int(seeds[3 + 2 * s].generate_state(1)[0]), template_seed,
+                            seeds[4 + 2 * s], semantic, test, test_features, tmp) for s in range(cfg.n_subjects)]
         for _ in tqdm(as_completed(jobs), total=len(jobs), desc="simulating subjects", mininterval=1):
             pass
     for s, job in enumerate(jobs):

@@ -1,5 +1,5 @@
-"""What every single-subject recipe reads: the dataset folder, its manifest, the training
-batch stream and whole evaluation splits."""
+"""What every recipe reads: the dataset folder, its manifest, the training batch stream (of
+one subject, or of several mixed) and whole evaluation splits."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,8 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.datasets import cache_dir, resolve_dataset
 from data.loaders import MemoryLoader, StreamLoader
-from data.shards import load_manifest
-from data.splits import SplitArrays, load_split, stream_split
+from data.shards import MANIFEST, DataError, load_manifest
+from data.splits import SplitArrays, concat_splits, load_split, stream_split
 from train.config import ConfigError
 
 
@@ -19,7 +19,10 @@ def engine_dtype(engine) -> torch.dtype:
 
 
 class SubjectData:
-    def __init__(self, cfg: DictConfig):
+    """`subjects`: the subject ids to train on together; None: `data.subject` alone; []: every
+    subject of the dataset."""
+
+    def __init__(self, cfg: DictConfig, subjects: list[int] | None = None):
         d = cfg.data
         if not d.root:
             raise ConfigError("data.root is not set: give a converted dataset folder, or 'simulated'")
@@ -27,24 +30,33 @@ class SubjectData:
         self.cache: Path = cache_dir(d.cache_dir)
         self.root: Path = resolve_dataset(d.root, OmegaConf.to_object(d.simulator), self.cache)
         self.manifest: dict = load_manifest(self.root)
-        self.subject: int = d.subject
-        self.n_voxels: int = self.manifest["subjects"][str(d.subject)]["n_voxels"]
-        self._splits: dict[str, SplitArrays] = {}
+        every = sorted(map(int, self.manifest["subjects"]))
+        self.subjects: list[int] = [d.subject] if subjects is None else list(subjects) or every
+        for s in self.subjects:
+            if str(s) not in self.manifest["subjects"]:
+                raise DataError(f"{self.root / MANIFEST}: no subject {s} (has {sorted(self.manifest['subjects'], key=int)})")
+        self.subject: int = self.subjects[0]
+        self.n_voxels: int = self.manifest["subjects"][str(self.subject)]["n_voxels"]
+        self._splits: dict[tuple[str, int], SplitArrays] = {}
 
     def loader(self, rank: int, world: int):
         d, t = self.cfg.data, self.cfg.train
         if d.loader == "memory":
-            train = load_split(self.root, self.manifest, d.subject, "train", d.verify_checksums)
+            parts = [load_split(self.root, self.manifest, s, "train", d.verify_checksums) for s in self.subjects]
+            train = parts[0] if len(parts) == 1 else concat_splits(parts)
             return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, self.cfg.seed)
         if d.loader == "stream":
-            stream = stream_split(self.root, self.manifest, d.subject, "train", self.cfg.seed, d.shuffle_buffer,
+            if len(self.subjects) > 1:
+                raise ConfigError("data.loader: 'stream' reads one subject; several subjects train with 'memory'")
+            stream = stream_split(self.root, self.manifest, self.subject, "train", self.cfg.seed, d.shuffle_buffer,
                                   d.verify_checksums)
-            n = self.manifest["subjects"][str(d.subject)]["splits"]["train"]["n_samples"]
+            n = self.manifest["subjects"][str(self.subject)]["splits"]["train"]["n_samples"]
             return StreamLoader(stream, n, t.batch_size, t.grad_accum, world, self.cfg.seed, d.num_workers)
         raise ConfigError(f"data.loader: {d.loader!r}, expected 'memory' or 'stream'")
 
-    def split(self, name: str) -> SplitArrays:
-        """A whole evaluation split, read once."""
-        if name not in self._splits:
-            self._splits[name] = load_split(self.root, self.manifest, self.subject, name, self.cfg.data.verify_checksums)
-        return self._splits[name]
+    def split(self, name: str, subject: int | None = None) -> SplitArrays:
+        """A whole evaluation split of one subject (default: the first), read once."""
+        key = (name, subject or self.subject)
+        if key not in self._splits:
+            self._splits[key] = load_split(self.root, self.manifest, key[1], name, self.cfg.data.verify_checksums)
+        return self._splits[key]
