@@ -32,7 +32,7 @@ from train.recipes.subject_data import SubjectData, engine_dtype
 
 @dataclass
 class MultiSubjectDataConfig(DataConfig):
-    subjects: list[int] = field(default_factory=list)  # trained together; empty: every subject in the dataset
+    subjects: list[int] = field(default_factory=list)  # trained together; empty: every subject (data.subject is unused)
 
 
 @dataclass
