@@ -2,8 +2,8 @@
 
 Both loaders yield, for each optimizer step, `grad_accum` micro-batches for this rank:
 dicts with `voxels` (float32 [m, V], one repeat drawn at random per sample and epoch),
-`image_ids`, `labels` and (memory loader) `subjects`. Both restart exactly from any step, so `--resume` replays the
-batches an uninterrupted run would have seen.
+`image_ids`, `labels` and (memory loader) `subjects`. Both restart exactly from any step,
+so `--resume` replays the batches an uninterrupted run would have seen.
 
 - MemoryLoader (default): the split lives in memory; each epoch draws one global
   permutation from (seed, epoch) and rank r takes slice r of every global micro-batch.

@@ -1,9 +1,9 @@
 """Score a checkpoint: `python -m eval --checkpoint RUN_DIR [--recons PATH]`.
 
 A label decoder (CLIP-MUSED) gets per-subject mAP, ROC AUC and Hamming loss. An embedding
-decoder (MindEye) gets retrieval on the checkpoint's test split always; with --recons (a folder of <test id>.png
-files or a tensor file) also PixCorr, SSIM, two-way identification (AlexNet 2/5,
-InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1. Writes
+decoder (MindEye) gets retrieval on the checkpoint's test split always; with --recons (a
+folder of <test id>.png files or a tensor file) also PixCorr, SSIM, two-way identification
+(AlexNet 2/5, InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1. Writes
 results.json, table.md, retrievals.png and reconstructions.png into --out (default
 RUN_DIR/eval). Bad input ends with one `error:` line naming the file or value.
 """

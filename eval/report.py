@@ -98,15 +98,19 @@ def markdown_table(results: dict[str, float], name: str, notes: list[str]) -> st
     lines = [header, "|---" * (len(COLUMNS) + 1) + "|"]
     for label, row in [(f"**{name}**", results), *REPORTED.items()]:
         lines.append(f"| {label} | " + " | ".join(cell(row, k) for k in _KEYS) + " |")
+    return _with_notes(lines, notes)
+
+
+def _with_notes(lines: list[str], notes: list[str]) -> str:
+    """Markdown table lines, then the notes as a list."""
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
 def score_multilabel(recipe, ckpt: Checkpoint, out_dir: Path) -> dict:
-    """Per-subject multi-label decoding (mAP, ROC AUC, Hamming loss) on the test split;
-    writes results.json and table.md (one row per subject, then the mean)."""
-    recipe.model.load_state_dict(ckpt.state)
-    model = recipe.model.to(recipe.device).eval()
-    scores = recipe.score(model, "test")
+    """Per-subject multi-label decoding (mAP, ROC AUC, Hamming loss) on the test split by a
+    recipe holding the checkpoint's weights; writes results.json and table.md (one row per
+    subject, then the mean)."""
+    scores = recipe.score(recipe.model, "test")
     results = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, "subjects": recipe.subjects, **scores, "figures": []}
     lines = ["| Subject | mAP | AUC | Hamming |", "|---|---|---|---|"]
     rows = [(f"subj{s:02d}", f"/subj{s:02d}") for s in recipe.subjects] if ckpt.cfg.eval.per_subject else []
@@ -116,7 +120,7 @@ def score_multilabel(recipe, ckpt: Checkpoint, out_dir: Path) -> dict:
              "AUC: mean over the classes with both labels in a subject's test set; Hamming loss at 0.5"]
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out_dir / "table.md", "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n")
+    atomic_write_text(out_dir / "table.md", _with_notes(lines, notes))
     return results
 
 
@@ -127,17 +131,18 @@ def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, 
     Writes results.json, table.md, retrievals.png and reconstructions.png into `out_dir`.
     """
     module = __import__(f"train.recipes.{ckpt.cfg.recipe}", fromlist=["Recipe"])
-    if hasattr(module.Recipe, "predict_labels"):
-        if recons_path is not None:
-            raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} decodes labels, not images; drop --recons")
-        return score_multilabel(module.Recipe(ckpt.cfg, 0, 1, opts.device, train=False), ckpt, out_dir)
+    labels = hasattr(module.Recipe, "predict_labels")
+    if labels and recons_path is not None:
+        raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} decodes labels, not images; drop --recons")
     extractors = load_extractors(opts) if recons_path is not None else {}  # missing weights fail before any work
-    if not hasattr(module.Recipe, "embeddings"):
+    if not labels and not hasattr(module.Recipe, "embeddings"):
         raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} predicts no embeddings to score; score the "
                           "reconstructions it feeds through the MindEye checkpoint")
     recipe = module.Recipe(ckpt.cfg, 0, 1, opts.device, train=False)
     recipe.model.load_state_dict(ckpt.state)
     recipe.model.to(opts.device).eval()
+    if labels:
+        return score_multilabel(recipe, ckpt, out_dir)
     subject = ckpt.cfg.data.subject
     ids, truth = split_images(recipe.root, recipe.manifest, subject, "test")
     results: dict = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, "subject": subject, "n_test": len(ids)}
