@@ -90,6 +90,12 @@ class SplitArrays:
         """Voxels averaged over each sample's repeats: float32 [N, V]."""
         return self.voxels.float().sum(1) / self.n_repeats[:, None].float()
 
+    def trials(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every single trial as a row: (voxels float32 [n_trials, V], the sample index of each
+        row [n_trials]); a sample's repeats are adjacent rows."""
+        keep = torch.arange(self.voxels.shape[1])[None] < self.n_repeats[:, None]  # [N, R]
+        return self.voxels[keep].float(), torch.nonzero(keep)[:, 0]
+
 
 def load_split(root: Path, manifest: dict, subject: int, split: str, verify: bool = True) -> SplitArrays:
     samples = list(iter_split(root, manifest, subject, split, verify=verify))

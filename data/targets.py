@@ -63,7 +63,7 @@ def cached_targets(encoder: Callable[..., torch.Tensor], key: dict, dataset: Pat
                    subjects: int | Sequence[int], cache: Path, batch_size: int = 64, what: str = "CLIP targets",
                    with_captions: bool = False) -> TargetTable:
     """`encoder(uint8 images [B, H, W, 3])` (with `with_captions`, `encoder(images, captions)`
-    with each image's first caption) for every image the subjects saw (all splits), computed
+    with the list of each image's captions) for every image the subjects saw (all splits), computed
     on first use. `key` identifies the encoder (architecture, weights, kind) in the cache
     name; `what` names the work in the progress bar.
     """
@@ -101,7 +101,7 @@ def _compute(encoder, dataset, manifest, subjects: list[int], folder: Path, batc
                     seen.add(sample["image_id"])
                     ids.append(sample["image_id"])
                     images.append(decode_image(sample["image_png"]))
-                    captions.append(sample["captions"][0] if sample["captions"] else "")
+                    captions.append(list(sample["captions"]))
                     if len(images) == batch_size:
                         flush()
         if images:

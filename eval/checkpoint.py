@@ -1,7 +1,8 @@
 """Finding a checkpoint's weights and config: our run folders, one checkpoint tag, or a released file.
 
 - a run folder (`RUN_DIR`, holding `checkpoints/latest`): its latest checkpoint;
-- a checkpoint folder (`RUN_DIR/checkpoints/step00000744`);
+- a checkpoint folder (`RUN_DIR/checkpoints/step00000744`, or `RUN_DIR/checkpoints/ridge`
+  holding a closed-form fit's `model.pt`);
 - a single weights file (`.pt`, `.pth`, `.bin`, e.g. a released model), with `--config`
   giving the recipe YAML it was trained with. MindEye 1's released checkpoints are
   recognised by their keys and mapped onto ours (models/mindeye1_keys.py).
@@ -79,7 +80,7 @@ def load_checkpoint(path: Path, config_path: Path | None = None, overrides: list
     if (path / "checkpoints" / "latest").is_file():
         ckpt_dir = path / "checkpoints"
         tag = (ckpt_dir / "latest").read_text().strip()
-    elif (path / "mp_rank_00_model_states.pt").is_file():
+    elif (path / "mp_rank_00_model_states.pt").is_file() or (path / "model.pt").is_file():
         ckpt_dir, tag = path.parent, path.name
     else:
         raise CheckpointError(f"{path}: no checkpoint here (expected a run folder with checkpoints/latest, "
@@ -88,4 +89,9 @@ def load_checkpoint(path: Path, config_path: Path | None = None, overrides: list
     if not Path(cfg_file).is_file():
         raise CheckpointError(f"{cfg_file}: the checkpoint's config is missing (pass --config)")
     cfg = config.load(Path(cfg_file), list(overrides))
-    return Checkpoint(cfg, _deepspeed_state(ckpt_dir, tag), str(ckpt_dir / tag), ckpt_dir.parent)
+    closed_form = ckpt_dir / tag / "model.pt"  # a closed-form fit (train/closed_form.py)
+    if closed_form.is_file():
+        state = load_tensors(closed_form, CheckpointError, "unreadable checkpoint file")
+    else:
+        state = _deepspeed_state(ckpt_dir, tag)
+    return Checkpoint(cfg, state, str(ckpt_dir / tag), ckpt_dir.parent)

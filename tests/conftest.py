@@ -36,6 +36,18 @@ def remove_deepspeed_shm_buffers():
         path.unlink(missing_ok=True)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    """A target and dataset cache shared by one test module's runs."""
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture
+def env(cache, monkeypatch):
+    """In-process code reads and writes the module's cache."""
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+
+
 @pytest.fixture(scope="session")
 def small_dataset(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("sim") / "small"

@@ -4,7 +4,9 @@ Runs the same command as `make demo` (in a private cache, so the simulated datas
 generated from scratch) for two simulator seeds; each must reach 10% top-1 retrieval in
 both directions on the 300-way test protocol (chance is 0.33%). The jointly trained
 diffusion prior must bring its MSE below half its starting value, and image tokens it
-samples must retrieve their test images at least 1.5% top-1 (4.5x chance) both ways.
+samples must retrieve their test images at least 1.5% top-1 (4.5x chance) both ways. On the
+default dataset (seed 0), MindEye must beat the ridge baseline (ridge_clip_tiny.yaml: the same
+CLIP targets, fitted in closed form) in both directions.
 """
 import json
 
@@ -32,3 +34,11 @@ def test_demo_reaches_10_percent_retrieval_both_ways(seed, tmp_path):
     assert results["prior_forward_top1"] >= 1.5 and results["prior_backward_top1"] >= 1.5
     assert "test results" in result.stdout
     assert (run_dir / "checkpoints" / "latest").is_file() and list((run_dir / "tensorboard").iterdir())
+    if seed == 0:
+        ridge_dir = tmp_path / "ridge"
+        ridge = launch(["--config", "train/configs/ridge_clip_tiny.yaml", f"run_dir={ridge_dir}"], cache=tmp_path / "cache")
+        assert ridge.returncode == 0, ridge.stdout[-3000:] + ridge.stderr[-3000:]
+        baseline = json.loads((ridge_dir / "test_results.json").read_text())
+        print(f"ridge baseline: forward {baseline['forward_top1']:.1f}%, backward {baseline['backward_top1']:.1f}%")
+        assert baseline["n_way"] == results["n_way"] and baseline["forward_top1"] > 1  # the baseline itself works
+        assert results["forward_top1"] > baseline["forward_top1"] and results["backward_top1"] > baseline["backward_top1"]

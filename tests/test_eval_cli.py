@@ -16,21 +16,11 @@ FAST = ["--extractors", "alexnet,inception", "--random-weights"]  # the others a
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "tiny"
     result = launch(["--ds_config", "ds_configs/zero2.json", f"run_dir={run}", *SMALL_RUN, "ds.bf16.enabled=false"], 1, cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return run
-
-
-@pytest.fixture
-def env(cache, monkeypatch):
-    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
 
 
 @pytest.fixture(scope="module")

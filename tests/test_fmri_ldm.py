@@ -44,16 +44,6 @@ def _tiny_model(n_voxels: int = 300, context: int = 16) -> FMRILDM:
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
-@pytest.fixture
-def env(cache, monkeypatch):
-    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
-
-
-@pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "ldm"
     result = launch(["--config", TINY, f"run_dir={run}", *SMALL], 1, cache)

@@ -17,11 +17,6 @@ RTOL = {"fp32": 1e-5, "bf16": 2e-2}  # observed: 3.4e-7 and 6.5e-3
 DETERMINISTIC = ["model.input_dropout=0", "model.block_dropout=0", "train.max_steps=20"]
 
 
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
-
-
 def _ok(result) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 

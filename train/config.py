@@ -60,11 +60,17 @@ class TrainConfig:
 
 
 @dataclass
-class RunConfig:
+class RecipeConfig:
+    """The keys of every recipe."""
     recipe: str = "mindeye"
     run_dir: str = "runs/mindeye"
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
+
+
+@dataclass
+class RunConfig(RecipeConfig):
+    """A recipe trained by the engine (train/engine.py)."""
     train: TrainConfig = field(default_factory=TrainConfig)
     ds: dict[str, Any] = field(default_factory=dict)  # overrides of the DeepSpeed JSON
 

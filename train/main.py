@@ -1,7 +1,8 @@
 """Train one recipe: `deepspeed train/main.py --ds_config ds_configs/zero2.json [key=value ...]`.
 
-Without --config it trains MindEye on the embedded simulated dataset. Bad input ends
-the run with one `error:` line naming the file or key.
+Without --config it trains MindEye on the embedded simulated dataset. Closed-form recipes
+(ridge decoders: takagi, ridge_clip) are fitted instead, without DeepSpeed's optimizer. Bad
+input ends the run with one `error:` line naming the file or key.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ if str(ROOT) not in sys.path:  # `deepspeed train/main.py` puts train/ (not the 
 
 
 from data.shards import DataError  # noqa: E402
-from train import config, engine  # noqa: E402
+from train import closed_form, config, engine  # noqa: E402
+from train.closed_form import ClosedFormConfig  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -39,7 +41,10 @@ def main(argv: list[str] | None = None) -> int:
             if saved.is_file():
                 cfg = config.load(saved, args.overrides)
         module = __import__(f"train.recipes.{cfg.recipe}", fromlist=["Recipe"])
-        engine.run(cfg, module.Recipe, args.ds_config, resume=args.resume, overwrite=args.overwrite)
+        if issubclass(module.Config, ClosedFormConfig):  # ridge decoders: no optimizer, --ds_config unused
+            closed_form.run(cfg, module.Recipe, resume=args.resume, overwrite=args.overwrite)
+        else:
+            engine.run(cfg, module.Recipe, args.ds_config, resume=args.resume, overwrite=args.overwrite)
     except (config.ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)

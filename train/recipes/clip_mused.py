@@ -119,7 +119,7 @@ class Recipe:
         self.root, self.manifest, self.subjects = self.data.root, self.data.manifest, self.data.subjects
         key = {"kind": "clip_levels", "arch": c.arch, "weights": c.weights, "seed": c.seed, "llv_pool": c.llv_pool,
                "tiny": tiny}
-        self.targets = cached_targets(lambda images, captions: clip(images.to(device), captions), key, self.root, self.manifest, self.subjects, self.data.cache,
+        self.targets = cached_targets(lambda images, captions: clip(images.to(device), [c[0] if c else "" for c in captions]), key, self.root, self.manifest, self.subjects, self.data.cache,
                                       c.batch_size, "CLIP features", with_captions=True)
         self.llv_dim = clip.llv_dim
         counts = [self.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects]

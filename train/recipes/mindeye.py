@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from data.targets import cached_targets
+from data.targets import TargetTable, cached_targets
 from eval.metrics import retrieval
 from models.clip_image import build_clip_image
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
@@ -113,18 +113,33 @@ class Config(RunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+def clip_key(c: DictConfig) -> dict:
+    """What identifies the CLIP targets of `clip.*` in the target cache."""
+    return {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed,
+            "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None}
+
+
+def clip_encoder(c: DictConfig):
+    """The frozen CLIP image encoder of `clip.*` (random or loaded from `clip.weights`)."""
+    if not c.weights:
+        raise ConfigError(f"clip.weights is not set: give a local open_clip checkpoint for {c.arch}, or 'random'")
+    k = clip_key(c)
+    return build_clip_image(k["arch"], k["weights"], k["target"], k["seed"], k["tiny"])
+
+
+def clip_targets(c: DictConfig, data: SubjectData, encoder) -> TargetTable:
+    """The subject's CLIP targets by `encoder` (`clip_encoder(c)`), computed once and cached."""
+    return cached_targets(encoder, clip_key(c), data.root, data.manifest, data.subject, data.cache, c.batch_size)
+
+
 class Recipe:
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         """`train=False` builds only what scoring needs (model, targets), not the batch stream."""
         self.cfg, self.rank, self.device = cfg, rank, device
-        if not cfg.clip.weights:
-            raise ConfigError(f"clip.weights is not set: give a local open_clip checkpoint for {cfg.clip.arch}, or 'random'")
-        encoder = self.clip_encoder()  # first: a missing file fails fast
+        encoder = clip_encoder(cfg.clip)  # first: a missing file fails before the dataset is generated or read
         self.data = SubjectData(cfg)
         self.root, self.manifest = self.data.root, self.data.manifest
-        c = cfg.clip
-        self.targets = cached_targets(encoder, self.clip_key(), self.root, self.manifest, cfg.data.subject,
-                                      self.data.cache, c.batch_size)
+        self.targets = clip_targets(cfg.clip, self.data, encoder)
         del encoder
         n_tokens, dim = self.targets.values.shape[1:]
         backbone = MindEyeBackbone(self.data.n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
@@ -137,15 +152,9 @@ class Recipe:
         self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
         self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
 
-    def clip_key(self) -> dict:
-        c = self.cfg.clip
-        return {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed,
-                "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None}
-
     def clip_encoder(self):
         """The frozen CLIP image encoder the targets come from (reconstruction reuses it)."""
-        k = self.clip_key()
-        return build_clip_image(k["arch"], k["weights"], k["target"], k["seed"], k["tiny"])
+        return clip_encoder(self.cfg.clip)
 
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         voxels = batch["voxels"].to(self.device)

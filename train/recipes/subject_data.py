@@ -69,3 +69,19 @@ class SubjectData:
         if key not in self._splits:
             self._splits[key] = load_split(self.root, self.manifest, key[1], name, self.cfg.data.verify_checksums)
         return self._splits[key]
+
+
+def roi_indices(data: SubjectData, roi: str, key: str) -> torch.Tensor:
+    """Voxel indices of `roi` for the data's subject, from its manifest entry ("all": every
+    voxel); `key` is the config key that named it, for errors."""
+    if roi == "all":
+        return torch.arange(data.n_voxels)
+    rois = data.manifest["subjects"][str(data.subject)].get("rois", {})
+    if roi not in rois:
+        raise ConfigError(f"{key}: subject {data.subject} has no ROI {roi!r} in {data.root / MANIFEST} "
+                          f"(has {['all', *sorted(rois)]})")
+    index = torch.tensor(rois[roi], dtype=torch.long)
+    if len(index) == 0 or index.min() < 0 or index.max() >= data.n_voxels:
+        raise DataError(f"{data.root / MANIFEST}: ROI {roi!r} of subject {data.subject} is empty or indexes outside "
+                        f"its {data.n_voxels} voxels")
+    return index
