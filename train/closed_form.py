@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from data.files import atomic_write_text
 from models.ridge_decoder import RidgeDecoder
 from train import distributed
 from train.config import ConfigError, RecipeConfig, to_yaml
-from train.engine import MetricLog
+from train.engine import MetricLog, prepare_run_dir
 from train.ridge import group_folds, ridge_cv, standardizer
 
 TAG = "ridge"
@@ -84,29 +83,13 @@ def check_ridge(r: DictConfig) -> None:
         raise ConfigError(f"ridge.folds: {r.folds}, expected at least 2")
 
 
-def _prepare(folder: Path, resume: bool, overwrite: bool, rank: int) -> None:
-    started = folder.is_dir() and any(folder.iterdir())
-    if resume and not started:
-        raise FileNotFoundError(f"{folder}: no fit to resume from (drop --resume to start a new one)")
-    if started and not (resume or overwrite):
-        raise FileExistsError(f"{folder.parent.parent}: already holds a fit; pass --resume to finish it or --overwrite "
-                              "to replace it")
-    distributed.barrier()
-    if rank == 0 and overwrite and not resume:
-        shutil.rmtree(folder, ignore_errors=True)
-        for p in (folder.parent / "latest", folder.parent.parent / "metrics.jsonl", folder.parent.parent / "test_results.json"):
-            p.unlink(missing_ok=True)
-        shutil.rmtree(folder.parent.parent / "tensorboard", ignore_errors=True)
-    distributed.barrier()
-
-
 def run(cfg: DictConfig, recipe_cls, resume: bool = False, overwrite: bool = False) -> dict | None:
     """Fit `cfg`'s decoders (those not already saved), then score; returns the test metrics on rank 0."""
     check_ridge(cfg.ridge)
     rank, _, world = distributed.init()
     run_dir = Path(cfg.run_dir)
     folder = run_dir / "checkpoints" / TAG
-    _prepare(folder, resume, overwrite, rank)
+    prepare_run_dir(run_dir, folder, resume, overwrite, rank, what="fit")
     torch.manual_seed(cfg.seed)
     recipe = recipe_cls(cfg, rank, world, ridge_device(cfg.ridge.device), train=False)
     if rank == 0:
@@ -117,8 +100,9 @@ def run(cfg: DictConfig, recipe_cls, resume: bool = False, overwrite: bool = Fal
     names = list(recipe.decoders)
     todo = [n for i, n in enumerate(names) if i % world == rank and not (folder / f"{n}.pt").is_file()]
     if todo:
-        voxels, rows = recipe.data.split("train").trials()
-        image_ids = recipe.data.split("train").image_ids[rows]
+        train = recipe.data.split("train")
+        voxels, rows = train.trials()
+        image_ids = train.image_ids[rows]
     for name in todo:
         decoder, targets = recipe.decoders[name]
         summary = fit_decoder(decoder, voxels, image_ids, targets, cfg, f"ridge {name}")

@@ -108,12 +108,15 @@ def step_seed(seed: int, step: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool, rank: int) -> None:
-    latest = run_dir / "checkpoints" / "latest"
-    if resume and not latest.is_file():
-        raise FileNotFoundError(f"{latest}: no checkpoint to resume from (drop --resume to start a new run)")
-    if not resume and latest.is_file() and not overwrite:
-        raise FileExistsError(f"{run_dir}: already holds a checkpoint; pass --resume to continue it or --overwrite to replace it")
+def prepare_run_dir(run_dir: Path, marker: Path, resume: bool, overwrite: bool, rank: int, what: str = "checkpoint") -> None:
+    """Refuse to start over a run that has begun (`marker`, a file or a non-empty folder, exists)
+    unless `overwrite`, and to resume one that has not; `overwrite` removes the run's checkpoints,
+    tensorboard logs and results. `what` names what the run holds, in errors."""
+    started = marker.is_file() or (marker.is_dir() and any(marker.iterdir()))
+    if resume and not started:
+        raise FileNotFoundError(f"{marker}: no {what} to resume from (drop --resume to start a new run)")
+    if not resume and started and not overwrite:
+        raise FileExistsError(f"{run_dir}: already holds a {what}; pass --resume to continue it or --overwrite to replace it")
     distributed.barrier()
     if rank == 0 and overwrite and not resume:
         for p in (run_dir / "checkpoints", run_dir / "tensorboard"):
@@ -155,7 +158,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     """Train `cfg` with its recipe; returns the test metrics (on every rank)."""
     rank, local_rank, world = distributed.init()
     run_dir = Path(cfg.run_dir)
-    _prepare_run_dir(run_dir, resume, overwrite, rank)
+    prepare_run_dir(run_dir, run_dir / "checkpoints" / "latest", resume, overwrite, rank)
     ds = deepspeed_config(ds_config_path, cfg, world)
     device = torch.device(get_accelerator().device_name(local_rank))
     torch.manual_seed(cfg.seed)

@@ -37,6 +37,7 @@ from data.shards import DataError, encode_png  # noqa: E402
 from eval.checkpoint import Checkpoint, load_checkpoint  # noqa: E402
 from models.image_variation import load_image_variation  # noqa: E402
 from train import config, distributed  # noqa: E402
+from train.recipes.mindeye import clip_encoder  # noqa: E402
 
 
 def png_bytes(image: torch.Tensor) -> bytes:
@@ -72,7 +73,7 @@ def reconstruct(ckpt: Checkpoint, out: Path, lowlevel: Checkpoint | None, device
     if not gen.weights:
         raise config.ConfigError("generation.weights is not set: give a local Versatile Diffusion folder, or 'random'")
     recipe = _recipe(ckpt, device)
-    encoder = recipe.clip_encoder().to(device)
+    encoder = clip_encoder(cfg.clip).to(device)  # the targets' encoder scores the samples
     dim = recipe.targets.values.shape[-1]
     pipe = load_image_variation(gen.weights, "generation.weights", dim, gen.seed, gen.sample_size).to(device)
     low = _recipe(lowlevel, device) if lowlevel is not None else None

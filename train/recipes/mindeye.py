@@ -152,10 +152,6 @@ class Recipe:
         self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
         self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
 
-    def clip_encoder(self):
-        """The frozen CLIP image encoder the targets come from (reconstruction reuses it)."""
-        return clip_encoder(self.cfg.clip)
-
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         voxels = batch["voxels"].to(self.device)
         target = distributed.gather(self.targets[batch["image_ids"]].to(self.device))
