@@ -8,7 +8,8 @@ Layout of a dataset folder:
 Each sample in a shard holds:
     __key__       "s{subject:02d}_{image_id:06d}"
     voxels.npy    float16 [n_repeats, n_voxels], the single-trial responses to one image
-    image.png     the stimulus, RGB uint8
+    image.png     the stimulus, RGB uint8 (or image.jpg: a JPEG kept as published; or no
+                  image at all, for data without stimuli such as resting state)
     labels.npy    float32 [n_categories] multi-hot category vector
     json          {"image_id", "subject", "captions": [...]}
 
@@ -24,6 +25,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -55,7 +57,7 @@ class Sample:
     subject: int
     image_id: int
     voxels: np.ndarray  # [n_repeats, n_voxels]
-    image: np.ndarray  # uint8 [H, W, 3]
+    image: np.ndarray | bytes | None  # uint8 [H, W, 3] (stored as PNG), JPEG file bytes, or no stimulus
     labels: np.ndarray  # [n_categories]
     captions: list[str]
 
@@ -67,29 +69,33 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
         return buf.getvalue()
 
     meta = {"image_id": int(s.image_id), "subject": int(s.subject), "captions": list(s.captions)}
-    return {
-        "voxels.npy": npy(s.voxels.astype(np.float16)),
-        "image.png": encode_png(s.image),
-        "labels.npy": npy(s.labels.astype(np.float32)),
-        "json": json.dumps(meta).encode(),
-    }
+    fields = {"voxels.npy": npy(s.voxels.astype(np.float16))}
+    if isinstance(s.image, np.ndarray):
+        fields["image.png"] = encode_png(s.image)
+    elif s.image is not None:
+        fields["image.jpg"] = bytes(s.image)
+    return {**fields, "labels.npy": npy(s.labels.astype(np.float32)), "json": json.dumps(meta).encode()}
 
 
 class ShardWriter:
     """Writes samples into numbered tar shards of at most `max_bytes`, recording checksums.
 
     Shards are written under a temporary name and renamed when complete, so a killed
-    writer never leaves a truncated shard under a final name.
+    writer never leaves a truncated shard under a final name. Numbering starts at
+    `first_index` (a resumed writer continues after the shards it already has);
+    `on_close(rel, record)` is called as each shard is completed.
     """
 
-    def __init__(self, root: Path, prefix: str, max_bytes: int = 1 << 30):
+    def __init__(self, root: Path, prefix: str, max_bytes: int = 1 << 30, first_index: int = 0,
+                 on_close: Callable[[str, dict], None] | None = None):
         self.root, self.prefix, self.max_bytes = Path(root), prefix, max_bytes
+        self.first_index, self.on_close = first_index, on_close
         self.shards: dict[str, dict] = {}
         self._tar: tarfile.TarFile | None = None
         self._count = 0
 
     def _open(self) -> None:
-        rel = f"{self.prefix}-{len(self.shards):06d}.tar"
+        rel = f"{self.prefix}-{self.first_index + len(self.shards):06d}.tar"
         self._rel, self._path = rel, self.root / rel
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self._path.with_name(f".{self._path.name}.tmp")
@@ -103,12 +109,17 @@ class ShardWriter:
         os.replace(self._tmp, self._path)
         self.shards[self._rel] = {"n_samples": self._count, "bytes": self._path.stat().st_size, "sha256": sha256(self._path)}
         self._tar = None
+        if self.on_close is not None:
+            self.on_close(self._rel, self.shards[self._rel])
 
     def write(self, s: Sample) -> None:
+        self.write_encoded(sample_key(s.subject, s.image_id), encode_sample(s))
+
+    def write_encoded(self, key: str, fields: dict[str, bytes]) -> None:
+        """Write one sample already encoded by `encode_sample` (e.g. in a worker process)."""
         if self._tar is None:
             self._open()
-        key = sample_key(s.subject, s.image_id)
-        for ext, data in encode_sample(s).items():
+        for ext, data in fields.items():
             info = tarfile.TarInfo(f"{key}.{ext}")
             info.size, info.mtime, info.mode = len(data), 0, 0o444  # reproducible bytes
             self._tar.addfile(info, io.BytesIO(data))
@@ -164,7 +175,14 @@ def decode_sample(fields: dict, shard: str, n_voxels: int) -> dict:
     if not np.isfinite(voxels).all():
         raise DataError(f"{shard}: sample {key} has NaN or Inf voxels")
     return {"key": key, "image_id": int(meta["image_id"]), "subject": int(meta["subject"]), "voxels": voxels, "labels": labels,
-            "captions": meta["captions"], "image_png": fields.get("image.png")}
+            "captions": meta["captions"], "image": fields.get("image.png", fields.get("image.jpg"))}
+
+
+def sample_image(sample: dict) -> np.ndarray:
+    """The decoded stimulus of a sample from `decode_sample`; DataError if it has none."""
+    if sample["image"] is None:
+        raise DataError(f"sample {sample['key']}: no stimulus image (a dataset without images, e.g. resting state)")
+    return decode_image(sample["image"])
 
 
 def encode_png(image: np.ndarray) -> bytes:

@@ -24,7 +24,7 @@ def _decoder(n_voxels: dict[str, int], with_images: bool, transform=None):
         url = fields.get("__url__", "?")
         sample = decode_sample(fields, url, n_voxels[url])
         if not with_images:
-            sample.pop("image_png")
+            sample.pop("image")
         if transform is not None:
             sample["voxels"] = transform(sample["voxels"])
         return sample

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from tqdm import tqdm
 
-from data.shards import MANIFEST, decode_image
+from data.shards import MANIFEST, sample_image
 from data.splits import iter_split
 
 
@@ -100,7 +100,7 @@ def _compute(encoder, dataset, manifest, subjects: list[int], folder: Path, batc
                         continue
                     seen.add(sample["image_id"])
                     ids.append(sample["image_id"])
-                    images.append(decode_image(sample["image_png"]))
+                    images.append(sample_image(sample))
                     captions.append(list(sample["captions"]))
                     if len(images) == batch_size:
                         flush()

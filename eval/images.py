@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
 from data.files import load_tensors
-from data.shards import DataError, decode_image
+from data.shards import DataError, decode_image, sample_image
 from data.splits import iter_split
 
 SIZE = 256
@@ -56,7 +56,7 @@ def split_images(root: Path, manifest: dict, subject: int, split: str = "test") 
     ids, images = [], []
     for sample in iter_split(root, manifest, subject, split, with_images=True):
         ids.append(sample["image_id"])
-        images.append(torch.from_numpy(decode_image(sample["image_png"])).permute(2, 0, 1))
+        images.append(torch.from_numpy(sample_image(sample)).permute(2, 0, 1))
     if not ids:
         raise DataError(f"{root}: subject {subject} split {split!r} has no samples")
     return ids, to_unit(torch.stack(images), f"{root} ({split} split)")
