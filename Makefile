@@ -29,6 +29,6 @@ demo-recon: install
 		--random-weights --extractors alexnet,inception --overwrite
 
 test: install
-	$(BIN)/python -m pytest -q -x tests
+	$(BIN)/python -m pytest -q -x -rs tests
 
 .PHONY: install demo demo-recon test

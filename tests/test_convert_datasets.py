@@ -441,3 +441,24 @@ def test_a_killed_conversion_resumes_to_byte_identical_shards(dataset, tmp_path,
     assert len(shards) > 3
     assert all(sha256(resumed / rel) == sha256(whole / rel) == record["sha256"] for rel, record in shards.items())
     assert sorted(p.relative_to(resumed).as_posix() for p in resumed.glob("subj*/*")) == sorted(shards)
+
+
+def test_recipes_train_on_converted_bold5000_and_hcp_movie(tmp_path, cache):
+    """The ridge baseline on BOLD5000 (JPEG and PNG stimuli); CLIP-MUSED, the recipe HCP
+    movie data is for, on two converted subjects together."""
+    bold, movie, out = tmp_path / "bold5000", tmp_path / "movie", tmp_path / "out"
+    write_bold5000(bold, 1)
+    assert convert("bold5000", bold, 1, out / "bold5000", "--val", "2") == 0
+    for s in HCP_IDS:
+        write_hcp_movie(movie, s)
+        assert convert("hcp-movie", movie, s, out / "movie") == 0
+    runs = {"bold5000": ["--config", "train/configs/ridge_clip_tiny.yaml", "ridge.alphas=[1,100]", "ridge.folds=2",
+                         "clip.tiny.image_size=32"],
+            "movie": ["--config", "train/configs/clip_mused_tiny.yaml", "model.patch_size=4", "train.epochs=2",
+                      "train.batch_size=8", "ds.bf16.enabled=false"]}
+    for name, args in runs.items():
+        run = tmp_path / f"run_{name}"
+        result = launch([*args, f"data.root={out / name}", f"run_dir={run}"], 1, cache)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        results = json.loads((run / "test_results.json").read_text())
+        assert np.isfinite([v for v in results.values() if isinstance(v, float)]).all(), results

@@ -123,7 +123,7 @@ def test_a_job_array_converts_several_subjects_into_one_folder(tmp_path):
     for subject in (1, 2):
         write_mindeye1(tmp_path / "shards", subject)
     out = tmp_path / "out"
-    code = launcher.main(["mindeye1", "--subjects", "1", "2", "--cluster", "local", "--cpus", "1", "--wait", "--",
+    code = launcher.main(["mindeye1", "--subjects", "1", "2", "--cluster", "local", "--cpus-per-task", "1", "--wait", "--",
                           "--root", str(tmp_path / "shards"), "--out", str(out)])
     assert code == 0
     manifest = load_manifest(out)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 
 import deepspeed
 import torch
@@ -11,11 +12,27 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 
 
+def slurm_environment() -> dict[str, str]:
+    """RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT of this task of a Slurm job step
+    (`srun`, or a submitit job), from Slurm's variables; empty outside one. The master is the
+    step's first node; the port is derived from the job id, so every task agrees on it."""
+    if "SLURM_PROCID" not in os.environ or "SLURM_STEP_NUM_TASKS" not in os.environ:
+        return {}
+    nodes = subprocess.run(["scontrol", "show", "hostnames", os.environ["SLURM_STEP_NODELIST"]], capture_output=True,
+                           text=True, check=True).stdout.split()
+    return {"RANK": os.environ["SLURM_PROCID"], "LOCAL_RANK": os.environ["SLURM_LOCALID"],
+            "WORLD_SIZE": os.environ["SLURM_STEP_NUM_TASKS"], "MASTER_ADDR": nodes[0],
+            "MASTER_PORT": str(20000 + int(os.environ["SLURM_JOB_ID"]) % 20000)}
+
+
 def init() -> tuple[int, int, int]:
     """Initialise the process group (nccl on GPU, gloo on CPU); returns (rank, local rank, world).
 
-    A plain `python train/main.py` without a launcher runs as a group of one.
+    Under a launcher (deepspeed, torchrun) its variables are used; in a Slurm job step,
+    Slurm's; a plain `python train/main.py` runs as a group of one.
     """
+    if "RANK" not in os.environ:
+        os.environ.update(slurm_environment())
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))

@@ -1,0 +1,32 @@
+"""One training run as a submitit job: every Slurm task is one DeepSpeed rank.
+
+`train/main.py` takes the process group from Slurm's variables (train/distributed.py), so
+the job simply calls it. The run resumes whenever its run folder already has a checkpoint:
+after submitit requeues it (time limit or preemption: USR2, caught by submitit, which calls
+`checkpoint` and requeues the same call), after Slurm itself requeues it, or when a sweep is
+submitted again. A finished run (test results written) is not run again. Work since the
+last periodic checkpoint (`train.checkpoint_every`) is redone; resume itself is exact.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import submitit
+
+
+def run_dir_of(argv: list[str]) -> Path:
+    return Path(next(a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")))
+
+
+class TrainJob(submitit.helpers.Checkpointable):
+    def __call__(self, argv: list[str]) -> int:
+        from train.main import main  # imported in the job, not at submission
+
+        run_dir = run_dir_of(argv)
+        if (run_dir / "test_results.json").is_file():
+            return 0
+        resume = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
+        code = main([*resume, *argv])
+        if code:
+            raise RuntimeError(f"{run_dir}: training failed (exit {code}); see the job's log")
+        return code
