@@ -9,6 +9,7 @@ last periodic checkpoint (`train.checkpoint_every`) is redone; resume itself is 
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import submitit
@@ -20,8 +21,12 @@ def run_dir_of(argv: list[str]) -> Path:
 
 class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, argv: list[str]) -> int:
+        from train import distributed
         from train.main import main  # imported in the job, not at submission
 
+        # This task's rank comes from Slurm; launcher variables the submitting shell exported
+        # (sbatch passes its environment on) would make every task think it is rank 0.
+        os.environ.update(distributed.slurm_environment())
         run_dir = run_dir_of(argv)
         if (run_dir / "test_results.json").is_file():
             return 0
