@@ -36,9 +36,13 @@ RESOURCES = ["--cluster", "slurm", "--cpus-per-task", "1", "--mem-gb", "2", "--h
 
 @pytest.fixture
 def slurm_env(cache, monkeypatch):
-    """Jobs inherit the submitting environment: the shared cache, one thread per rank."""
+    """Jobs inherit the submitting environment: the shared cache, one thread per rank, and
+    launcher variables left by an earlier in-process run, which the jobs must ignore."""
     monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": "45091"}.items():
+        monkeypatch.setenv(key, value)
 
 
 def _sweep(tmp_path: Path, name: str, *args: str, overrides=FAST) -> int:
