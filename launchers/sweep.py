@@ -36,6 +36,7 @@ from train import config, engine
 from train.closed_form import ClosedFormConfig
 
 ROOT = Path(__file__).resolve().parent.parent
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class SweepError(ValueError):
@@ -128,7 +129,8 @@ def run_locally(args: argparse.Namespace, runs: list[dict]) -> list[int]:
         else:
             launcher = [sys.executable]
         print(f"{run['name']}: running", flush=True)
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(args.cpus_per_task))}
+        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # each run is its own group
+        env.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
         codes.append(subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *resume, *argv], env=env).returncode)
     return codes
 

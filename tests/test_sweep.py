@@ -45,6 +45,8 @@ def test_bad_sweeps_are_refused_before_anything_runs(args, expected, tmp_path, c
 def test_a_local_sweep_runs_each_configuration_then_summarises(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for key in sweep.LAUNCHER_VARIABLES:  # left by an earlier in-process run; each run must ignore them
+        monkeypatch.setenv(key, "45091" if key == "MASTER_PORT" else "127.0.0.1" if key == "MASTER_ADDR" else "0")
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({"recipe": "mindeye_tiny", "grid": {"train.lr": [1e-3, 3e-3]}, "overrides": FAST}))
     assert sweep.main(["--sweep", str(spec), "--name", "lr", "--sweeps", str(tmp_path), "--cluster", "local"]) == 0
