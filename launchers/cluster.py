@@ -6,9 +6,31 @@ from __future__ import annotations
 import argparse
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import submitit
+
+
+def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+    """A launcher's own arguments, and those after `--` that it passes on."""
+    if "--" not in argv:
+        return argv, []
+    return argv[: argv.index("--")], argv[argv.index("--") + 1 :]
+
+
+def wait(named_jobs: list[tuple[str, submitit.Job]]) -> list[int]:
+    """Wait for every job (all its tasks) and report each; 0 per finished job, 1 per failed one."""
+    codes = []
+    for name, job in named_jobs:
+        try:
+            job.results()
+            print(f"{name}: done", flush=True)
+            codes.append(0)
+        except Exception as e:  # noqa: BLE001 - report every job, then fail
+            print(f"{name}: failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
+            codes.append(1)
+    return codes
 
 
 class ResourceError(ValueError):

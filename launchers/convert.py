@@ -33,7 +33,7 @@ class ConvertSubject(submitit.helpers.Checkpointable):
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ours, theirs = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ours, theirs = cluster.split_argv(argv)
     p = argparse.ArgumentParser(prog="python -m launchers.convert", description=__doc__.split("\n\n")[0])
     p.add_argument("dataset", choices=sorted(convert.CONVERTERS))
     p.add_argument("--subjects", type=int, nargs="+", required=True)
@@ -61,15 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"submitted {n} conversion task(s): {jobs[0].job_id.split('_')[0]} (logs in {executor.folder})")
     if not args.wait:
         return 0
-    failed = 0
-    for subject, job in zip(args.subjects, jobs):
-        try:
-            job.result()
-            print(f"subject {subject}: done")
-        except Exception as e:  # noqa: BLE001 - report every task, then fail
-            failed += 1
-            print(f"subject {subject}: failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-    return 1 if failed else 0
+    return 1 if any(cluster.wait([(f"subject {s}", job) for s, job in zip(args.subjects, jobs)])) else 0
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import yaml
 
 from data.files import atomic_write_text
 from launchers import cluster, summary
-from launchers.train_job import TrainJob
+from launchers.train_job import TrainJob, resume_flags, run_dir_of
 from train import config, engine
 from train.closed_form import ClosedFormConfig
 
@@ -117,13 +117,11 @@ def run_locally(args: argparse.Namespace, runs: list[dict]) -> list[int]:
         raise cluster.ResourceError(f"--nodes {args.nodes}: --cluster local runs on this machine only")
     codes = []
     for run in runs:
-        argv = run["argv"]
-        run_dir = Path(argv[-1].split("=", 1)[1])
-        if (run_dir / "test_results.json").is_file():
+        resume = resume_flags(run_dir_of(run["argv"]))
+        if resume is None:
             print(f"{run['name']}: finished before, skipped", flush=True)
             codes.append(0)
             continue
-        resume = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
         if args.tasks_per_node > 1:
             launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.tasks_per_node)]
         else:
@@ -131,7 +129,8 @@ def run_locally(args: argparse.Namespace, runs: list[dict]) -> list[int]:
         print(f"{run['name']}: running", flush=True)
         env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # each run is its own group
         env.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
-        codes.append(subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *resume, *argv], env=env).returncode)
+        codes.append(subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *resume, *run["argv"]],
+                                    env=env).returncode)
     return codes
 
 
@@ -144,15 +143,7 @@ def submit(args: argparse.Namespace, folder: Path, runs: list[dict]) -> list[int
     if not args.wait:
         print(f"when they end: python -m launchers.summary {folder}")
         return None
-    codes = []
-    for run, job in zip(runs, jobs):
-        try:
-            job.results()  # one per task
-            codes.append(0)
-        except Exception as e:  # noqa: BLE001 - report every job, then fail
-            print(f"{run['name']}: failed: {str(e).strip().splitlines()[-1]}", file=sys.stderr)
-            codes.append(1)
-    return codes
+    return cluster.wait([(r["name"], job) for r, job in zip(runs, jobs)])
 
 
 def parser() -> argparse.ArgumentParser:
@@ -170,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ours, overrides = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    ours, overrides = cluster.split_argv(argv)
     args = parser().parse_args(ours)
     try:
         cluster.resolve(args)

@@ -19,6 +19,14 @@ def run_dir_of(argv: list[str]) -> Path:
     return Path(next(a.split("=", 1)[1] for a in argv if a.startswith("run_dir=")))
 
 
+def resume_flags(run_dir: Path) -> list[str] | None:
+    """None for a finished run (test results written); otherwise the flags that continue it:
+    `--resume` when it has a checkpoint, nothing when it has not begun."""
+    if (run_dir / "test_results.json").is_file():
+        return None
+    return ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
+
+
 class TrainJob(submitit.helpers.Checkpointable):
     def __call__(self, argv: list[str]) -> int:
         from train import distributed
@@ -28,9 +36,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         # (sbatch passes its environment on) would make every task think it is rank 0.
         os.environ.update(distributed.slurm_environment())
         run_dir = run_dir_of(argv)
-        if (run_dir / "test_results.json").is_file():
+        resume = resume_flags(run_dir)
+        if resume is None:
             return 0
-        resume = ["--resume"] if (run_dir / "checkpoints" / "latest").is_file() else []
         code = main([*resume, *argv])
         if code:
             raise RuntimeError(f"{run_dir}: training failed (exit {code}); see the job's log")

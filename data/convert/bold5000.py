@@ -35,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from data.convert.common import (
+    NO_LABELS,
     carve_val,
     load_npy,
     read_lines,
@@ -49,7 +50,6 @@ VERSION = 1
 HEMISPHERES = ("LH", "RH")
 REGIONS = ("EarlyVis", "LOC", "OPA", "PPA", "RSC")
 FOLDERS = ("COCO", "ImageNet", "Scene")
-NO_LABELS = np.zeros(0, np.float32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -14,6 +14,7 @@ from data.convert.output import SplitSource
 from data.shards import DataError, Sample
 
 T = TypeVar("T")
+NO_LABELS = np.zeros(0, np.float32)  # labels of a dataset without categories
 CHUNK = 4096  # rows per step of the statistics pass
 
 

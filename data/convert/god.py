@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from data.convert.common import (
+    NO_LABELS,
     carve_val,
     npz_array,
     open_npz,
@@ -44,7 +45,6 @@ from data.convert.output import SubjectSource
 from data.shards import DataError, Sample
 
 VERSION = 1
-NO_LABELS = np.zeros(0, np.float32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

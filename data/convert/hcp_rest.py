@@ -21,13 +21,18 @@ from pathlib import Path
 
 import numpy as np
 
-from data.convert.common import npz_array, open_npz, split_source, voxel_stats
+from data.convert.common import (
+    NO_LABELS,
+    npz_array,
+    open_npz,
+    split_source,
+    voxel_stats,
+)
 from data.convert.output import SubjectSource
 from data.shards import DataError, Sample
 
 VERSION = 1
 ROIS = ("V1", "V2", "V3", "V4")
-NO_LABELS = np.zeros(0, np.float32)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from data.convert.coco import coco_annotations
+from data.convert.common import NO_LABELS
 from data.convert.output import SplitSource, SubjectSource
 from data.shards import DataError, Sample
 
@@ -92,7 +93,7 @@ def _sample(fields: dict[str, bytes], subject: int, meta: dict, where: str) -> S
     if len(trials) == 0 or not np.isfinite(trials).all():
         raise DataError(f"{where}: {'no trial' if len(trials) == 0 else 'NaN or Inf voxels'}")
     image_id = int(np.load(io.BytesIO(fields["coco73k.npy"])).ravel()[0])
-    labels, captions = meta.get(image_id, (np.zeros(0, np.float32), []))
+    labels, captions = meta.get(image_id, (NO_LABELS, []))
     return Sample(subject, image_id, trials, fields["jpg"], labels, captions)
 
 
