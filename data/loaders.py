@@ -82,8 +82,9 @@ class StreamLoader:
     def _micro_batches(self) -> Iterator[dict]:
         def passes():
             for epoch in itertools.count():  # each pass reshuffles the shards; ranks never run dry together
-                loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers)
-                yield from ({**s, "epoch": epoch} for s in loader)
+                # Workers send lists of a micro-batch's samples: one message each, not one per sample.
+                loader = DataLoader(self.dataset, batch_size=self.micro, collate_fn=list, num_workers=self.num_workers)
+                yield from ({**s, "epoch": epoch} for group in loader for s in group)
         it = iter(passes())
         collate = _stream_collate(self.seed)
         while True:

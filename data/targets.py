@@ -42,11 +42,15 @@ class TargetTable:
         self.values = np.load(folder / "targets.npy", mmap_mode="r")
         self._row = {int(i): r for r, i in enumerate(self.ids)}
 
+    def rows(self, image_ids) -> torch.Tensor:
+        """Rows for `image_ids` as stored (float16, or uint8 for an image table): the training
+        step converts them after moving them to its device, where that costs nothing."""
+        return torch.from_numpy(np.asarray(self.values[[self._row[int(i)] for i in image_ids]]))
+
     def __getitem__(self, image_ids) -> torch.Tensor:
         """Rows for `image_ids`: float32, or uint8 for an image table."""
-        rows = [self._row[int(i)] for i in image_ids]
-        values = np.asarray(self.values[rows])
-        return torch.from_numpy(values if values.dtype == np.uint8 else values.astype(np.float32))
+        values = self.rows(image_ids)
+        return values if values.dtype == torch.uint8 else values.float()
 
 
 def _cache_folder(cache: Path, dataset: Path, key: dict, subjects: list[int]) -> Path:

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from models.clip_mused import CLIPMUSED
 from tests.conftest import ROOT, SMALL_SIM, launch, train_losses
 from train import config
-from train.engine import _schedule, param_groups
+from train.engine import make_schedule, param_groups
 
 TINY = "train/configs/clip_mused_tiny.yaml"
 # The 2-subject native-space dataset of the other tests (300 and 260 voxels), dropout off.
@@ -66,7 +66,7 @@ def test_attention_gets_a_tenth_of_the_lr_and_the_step_schedule_decays_it():
         assert g["weight_decay"] == 0.0
     assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
     optimizer = torch.optim.AdamW(groups)
-    scheduler = _schedule(cfg, steps_per_epoch=2)(optimizer)  # 30 epochs x 2 steps per decay
+    scheduler = make_schedule(cfg, steps_per_epoch=2)(optimizer)  # 30 epochs x 2 steps per decay
     for _ in range(60):
         optimizer.step()
         scheduler.step()

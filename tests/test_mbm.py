@@ -13,7 +13,7 @@ from models.mbm import MaskedBrainModel, fit_voxels, voxel_fit
 from tests.conftest import ROOT, launch, train_losses
 from train import config
 from train.config import ConfigError
-from train.engine import _optimizer, _schedule
+from train.engine import make_optimizer, make_schedule
 from train.losses import info_nce
 from train.recipes.mbm import Recipe, load_pretrained_encoder
 
@@ -128,9 +128,9 @@ def test_info_nce_is_low_for_aligned_pairs_and_symmetric():
 def test_warmup_cosine_schedule_and_betas_come_from_the_config():
     cfg = config.load(ROOT / TINY, ["train.epochs=10", "train.warmup_epochs=2", "train.lr=1e-3"])
     model = MaskedBrainModel(64, patch_size=16, dim=16, depth=1, heads=2, decoder_dim=8, decoder_depth=1, decoder_heads=2)
-    optimizer = _optimizer(model, cfg, {})
+    optimizer = make_optimizer(model, cfg, {})
     assert all(g["betas"] == (0.9, 0.95) for g in optimizer.param_groups)
-    scheduler = _schedule(cfg, steps_per_epoch=5)(optimizer)
+    scheduler = make_schedule(cfg, steps_per_epoch=5)(optimizer)
     lrs = []
     for _ in range(50):
         lrs.append(optimizer.param_groups[0]["lr"])

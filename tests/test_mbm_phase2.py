@@ -16,7 +16,7 @@ from models.mbm import MaskedBrainModel
 from tests.test_mbm_model import _layer_params
 from train import config, main
 from train.config import ConfigError
-from train.engine import _optimizer, param_groups
+from train.engine import make_optimizer, param_groups
 from train.recipes.mbm import load_pretrained_encoder
 from train.recipes.mbm_phase2 import Recipe
 
@@ -245,7 +245,7 @@ def test_frozen_parts_stay_and_the_rest_train(small_dataset, tmp_path, freeze):
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in param_groups(model, recipe.cfg) for p in g["params"]) == trainable
     before = {name: _snapshot(ps) for name, ps in parts.items()}
-    opt = _optimizer(model, recipe.cfg, {})
+    opt = make_optimizer(model, recipe.cfg, {})
     engine, batch = _Engine(model), _first_batch(recipe)
     for _ in range(2):
         opt.zero_grad()

@@ -57,6 +57,8 @@ class TrainConfig:
     val_every: int = 0  # steps; 0 = at the end of every epoch
     log_every: int = 1
     max_steps: Optional[int] = None  # stop early (the schedules still span all epochs)
+    fused_adam: bool = True  # torch's fused AdamW kernels (CPU and GPU); false: its per-tensor loop
+    compile: bool = False  # torch.compile the model (DeepSpeed's engine.compile)
 
 
 @dataclass

@@ -69,17 +69,18 @@ def param_groups(model: torch.nn.Module, cfg: DictConfig) -> list[dict]:
             for (scale, decay), params in groups.items()]
 
 
-def _optimizer(model: torch.nn.Module, cfg: DictConfig, ds: dict):
-    """AdamW over `param_groups`."""
+def make_optimizer(model: torch.nn.Module, cfg: DictConfig, ds: dict):
+    """AdamW over `param_groups` (torch's fused kernels unless `train.fused_adam` is false;
+    DeepSpeed's CPU Adam when the optimizer state is offloaded)."""
     groups = param_groups(model, cfg)
     offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
     if offload in ("cpu", "nvme"):
         from deepspeed.ops.adam import DeepSpeedCPUAdam
         return DeepSpeedCPUAdam(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=tuple(cfg.train.betas), fused=cfg.train.fused_adam or None)
 
 
-def _schedule(cfg: DictConfig, steps_per_epoch: int):
+def make_schedule(cfg: DictConfig, steps_per_epoch: int):
     """The lr schedule (stepped once per optimizer step), keeping each group's lr ratio."""
     t = cfg.train
     if t.schedule == "step":
@@ -106,6 +107,29 @@ def _schedule(cfg: DictConfig, steps_per_epoch: int):
 def step_seed(seed: int, step: int, rank: int) -> int:
     """Per-step RNG seed: dropout and mixing depend only on (seed, step, rank), so resume is exact."""
     return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
+
+
+def initialize(model: torch.nn.Module, cfg: DictConfig, ds: dict, steps_per_epoch: int):
+    """The DeepSpeed engine over `model`, with its optimizer and schedule (`train.compile`:
+    the model compiled by torch.compile)."""
+    engine, *_ = deepspeed.initialize(model=model, optimizer=make_optimizer(model, cfg, ds),
+                                      lr_scheduler=make_schedule(cfg, steps_per_epoch), config=ds)
+    if cfg.train.compile:
+        engine.compile()
+    return engine
+
+
+def train_step(engine, recipe: Recipe, micro_batches: list[dict], step: int, epoch: int, seed: int, rank: int) -> dict[str, float]:
+    """One optimizer step over this rank's micro-batches; returns the logged values, averaged."""
+    torch.manual_seed(step_seed(seed, step, rank))
+    parts: dict[str, float] = {}
+    for micro, batch in enumerate(micro_batches):
+        loss, values = recipe.loss(engine, {**batch, "micro": micro}, step, epoch)
+        engine.backward(loss)
+        engine.step()
+        for k, v in values.items():
+            parts[k] = parts.get(k, 0.0) + v / len(micro_batches)
+    return parts
 
 
 def prepare_run_dir(run_dir: Path, marker: Path, resume: bool, overwrite: bool, rank: int, what: str = "checkpoint") -> None:
@@ -166,8 +190,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     spe = recipe.loader.steps_per_epoch
     total = cfg.train.epochs * spe
     last = min(total, cfg.train.max_steps or total)
-    engine, *_ = deepspeed.initialize(model=recipe.model, optimizer=_optimizer(recipe.model, cfg, ds),
-                                      lr_scheduler=_schedule(cfg, spe), config=ds)
+    engine = initialize(recipe.model, cfg, ds, spe)
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     if resume:
@@ -196,14 +219,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     while step < last:
         epoch, in_epoch = divmod(step, spe)
         for micro_batches in recipe.loader.epoch(epoch, in_epoch):
-            torch.manual_seed(step_seed(cfg.seed, step, rank))
-            parts: dict[str, float] = {}
-            for micro, batch in enumerate(micro_batches):
-                loss, values = recipe.loss(engine, {**batch, "micro": micro}, step, epoch)
-                engine.backward(loss)
-                engine.step()
-                for k, v in values.items():
-                    parts[k] = parts.get(k, 0.0) + v / len(micro_batches)
+            parts = train_step(engine, recipe, micro_batches, step, epoch, cfg.seed, rank)
             step += 1
             if step % cfg.train.log_every == 0 or step == last:
                 lr = engine.get_lr()[0]

@@ -151,7 +151,7 @@ class Recipe:
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         z_llv, z_hlv, logits = engine(*self._inputs(batch["voxels"], batch["subjects"], engine_dtype(engine)))
         bce = F.binary_cross_entropy_with_logits(logits.float(), batch["labels"].to(self.device))
-        target = self.targets[batch["image_ids"]].to(self.device)
+        target = self.targets.rows(batch["image_ids"]).to(self.device).float()
         z_llv, z_hlv = (distributed.gather(z.float(), with_grad=True) for z in (z_llv, z_hlv))
         t_llv, t_hlv = (distributed.gather(t) for t in (target[:, : self.llv_dim], target[:, self.llv_dim :]))
         parts = {"bce": bce, "orth": orthogonality_loss(z_llv, z_hlv), "rsa_hlv": rsa_loss(z_hlv, t_hlv),
