@@ -76,6 +76,20 @@ class FrozenCLIPImage(nn.Module):
         return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
 
 
+def target_shape(arch: str, target: str, tiny: dict | None = None) -> tuple[int, int]:
+    """(tokens, dim) of the targets `build_clip_image(arch, ..., target, tiny=tiny)` gives,
+    from the architecture's config alone (no weights, no model)."""
+    if tiny:
+        size, patch, dim = tiny["image_size"], tiny["patch_size"], tiny["output_dim"]
+    else:
+        config = open_clip.get_model_config(arch)
+        if config is None:
+            raise ValueError(f"clip.arch: {arch!r} is not an open_clip architecture")
+        vision = config["vision_cfg"]
+        size, patch, dim = vision["image_size"], vision["patch_size"], config["embed_dim"]
+    return ((size // patch) ** 2 + 1, dim) if target == "tokens" else (1, dim)
+
+
 def build_clip_image(arch: str, weights: str, target: str, seed: int = 0, tiny: dict | None = None) -> FrozenCLIPImage:
     """`weights` is a local checkpoint path, or "random" (only for tests and the embedded default).
 

@@ -141,20 +141,31 @@ class Recipe:
         self.root, self.manifest = self.data.root, self.data.manifest
         self.targets = clip_targets(cfg.clip, self.data, encoder)
         del encoder
-        n_tokens, dim = self.targets.values.shape[1:]
-        backbone = MindEyeBackbone(self.data.n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
-        p = cfg.prior
+        self._build(self.data.n_voxels, *self.targets.values.shape[1:])
+        if train:
+            self.loader = self.data.loader(rank, world)
+
+    @classmethod
+    def synthetic(cls, cfg: DictConfig, rank: int, device: torch.device, n_voxels: int, targets: TargetTable) -> "Recipe":
+        """The model and loss for any `targets`, with no dataset or CLIP encoder: what
+        benchmarks time at any scale."""
+        self = cls.__new__(cls)
+        self.cfg, self.rank, self.device, self.targets = cfg, rank, device, targets
+        self._build(n_voxels, *targets.values.shape[1:])
+        return self
+
+    def _build(self, n_voxels: int, n_tokens: int, dim: int) -> None:
+        cfg, p = self.cfg, self.cfg.prior
+        backbone = MindEyeBackbone(n_voxels, n_tokens, dim, **OmegaConf.to_container(cfg.model))
         prior = PriorNetwork(dim, n_tokens, p.depth, p.heads, p.dim_head, checkpoint_layers=p.checkpoint_layers) if p.enabled else None
         self.model = MindEye(backbone, prior)
         self.diffusion = PriorDiffusion(prior, dim, p.timesteps, p.cond_drop_prob) if p.enabled else None
-        if train:
-            self.loader = self.data.loader(rank, world)
         self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
         self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
 
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         voxels = batch["voxels"].to(self.device)
-        target = distributed.gather(self.targets[batch["image_ids"]].to(self.device))
+        target = distributed.gather(self.targets.rows(batch["image_ids"]).to(self.device).float())
         dtype = engine_dtype(engine)
         m = len(voxels)
         mine = slice(self.rank * m, (self.rank + 1) * m)

@@ -1,0 +1,277 @@
+"""Time training steps of a recipe at any scale, one measurement per process:
+
+    python -m benchmarks.step --config CFG --loop reference --out FILE [key=value ...]
+    deepspeed --num_gpus N --module benchmarks.step --config CFG --loop engine --out FILE ...
+
+The recipe's own model and loss run on synthetic voxels and targets of the real shapes
+(no dataset, no CLIP encoder), so any scale fits. Two loops over the same batches:
+
+- "engine": our training step (train.engine: DeepSpeed, ZeRO, bf16, clipping), as in a run;
+- "reference": the plain PyTorch loop MindEye trains with (model on one device, torch
+  autocast, torch's default AdamW, OneCycle, no DeepSpeed, no compile, no activation
+  checkpointing), with the same gradient clipping so both do the same arithmetic. It also counts the FLOPs of one
+  step (torch's FlopCounterMode), for MFU.
+
+Each rank writes FILE.rank<r>.json: step times and losses, peak memory and, for the
+engine, the bytes of parameters and optimizer state this rank holds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from data.targets import TargetTable
+from models.clip_image import target_shape
+from train import config as train_config
+from train import distributed
+from train.engine import (
+    deepspeed_config,
+    initialize,
+    make_schedule,
+    param_groups,
+    step_seed,
+    train_step,
+)
+
+NSD_SUBJ01_VOXELS = 15724  # nsdgeneral voxels of NSD subject 1: MindEye 1's input size
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def random_targets(folder: Path, image_ids: np.ndarray, shape: tuple[int, int], seed: int) -> TargetTable:
+    """A target table of random float16 rows for `image_ids`, in the target cache's layout."""
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(folder / "ids.npy", image_ids.astype(np.int64))
+    rows = np.lib.format.open_memmap(folder / "targets.npy", "w+", np.float16, (len(image_ids), *shape))
+    rng = np.random.default_rng(seed)
+    for i in range(0, len(image_ids), 64):
+        rows[i : i + 64] = rng.standard_normal((len(rows[i : i + 64]), *shape), dtype=np.float32)
+    rows.flush()
+    return TargetTable(folder)
+
+
+def synthetic_recipe(cfg: DictConfig, n_voxels: int, rank: int, device: torch.device, folder: Path):
+    """The recipe of `cfg` over random targets of its CLIP shape (one per image of two global
+    batches), in a target table written to `folder`."""
+    if cfg.recipe != "mindeye":
+        raise train_config.ConfigError(f"recipe: benchmarks time 'mindeye' so far, not {cfg.recipe!r}")
+    from train.recipes.mindeye import Recipe
+    c = cfg.clip
+    shape = target_shape(c.arch, c.target, OmegaConf.to_container(c.tiny) if c.tiny is not None else None)
+    targets = random_targets(folder, np.arange(2 * cfg.train.batch_size), shape, cfg.seed)
+    torch.manual_seed(cfg.seed)  # every loop starts from the same weights
+    return Recipe.synthetic(cfg, rank, device, n_voxels, targets)
+
+
+def synthetic_batches(cfg: DictConfig, n_voxels: int, steps: int, rank: int, world: int) -> list[list[dict]]:
+    """`steps` optimizer steps of this rank's micro-batches: random voxels and image ids."""
+    t = cfg.train
+    micro = t.batch_size // (t.grad_accum * world)
+    rng = np.random.default_rng([cfg.seed, rank])
+    return [[{"voxels": torch.from_numpy(rng.standard_normal((micro, n_voxels), dtype=np.float32)),
+              "image_ids": torch.from_numpy(rng.integers(0, 2 * t.batch_size, micro))}
+             for _ in range(t.grad_accum)] for _ in range(steps)]
+
+
+class PlainForward:
+    """The bare model where a recipe expects the DeepSpeed engine: inputs stay float32
+    (autocast casts them), as in a plain PyTorch loop."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def __call__(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def bfloat16_enabled(self) -> bool:
+        return False
+
+    def fp16_enabled(self) -> bool:
+        return False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory(device: torch.device) -> int:
+    """Peak bytes of this process: allocated GPU memory on a GPU, resident memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _storage_bytes(tensors, seen: set[int]) -> int:
+    total = 0
+    for t in tensors:
+        s = t.untyped_storage()
+        if s.data_ptr() not in seen and s.nbytes():
+            seen.add(s.data_ptr())
+            total += s.nbytes()
+    return total
+
+
+# Where DeepSpeed's optimizer wrappers keep this rank's fp32 master weights (ZeRO-1/2, ZeRO-3
+# and the bf16 optimizer of ZeRO-0); ZeRO-3 puts them in the torch optimizer only during its step.
+MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition")
+
+
+def state_bytes(engine) -> dict[str, int]:
+    """Bytes of parameters (ZeRO-3: this rank's partition) and of optimizer state (master
+    weights and Adam moments not shared with the parameters) held by this rank."""
+    seen: set[int] = set()
+    params = _storage_bytes((getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()), seen)
+    held, opt = [], engine.optimizer
+    while True:
+        held += [t for name in MASTER_WEIGHTS for t in getattr(opt, name, [])]
+        if not hasattr(opt, "optimizer"):  # the torch optimizer inside the wrappers
+            break
+        opt = opt.optimizer
+    held += [p for g in opt.param_groups for p in g["params"]]
+    held += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
+    return {"params": params, "optimizer": _storage_bytes(held, seen)}
+
+
+def count_flops(recipe, batch: list[dict], step: int, epoch: int) -> dict[str, float]:
+    """FLOPs of one forward and backward pass of `batch` (no optimizer), in total and in the
+    backbone alone (counted on its own: FlopCounterMode's per-module split of the backward
+    pass misses some of a parent module's operations)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counts = []
+    for part in ("all", "backbone"):
+        with FlopCounterMode(display=False) as counter:
+            for micro, b in enumerate(batch):
+                if part == "all":
+                    loss, _ = recipe.loss(PlainForward(recipe.model), {**b, "micro": micro}, step, epoch)
+                else:
+                    loss = sum(x.float().sum() for x in recipe.model.backbone(b["voxels"].to(recipe.device)))
+                loss.backward()
+        recipe.model.zero_grad(set_to_none=True)
+        counts.append(float(counter.get_total_flops()))
+    return {"flops_per_step": counts[0], "backbone_flops_per_step": counts[1]}
+
+
+def reference_loop(cfg: DictConfig, recipe, batches: list[list[dict]], device: torch.device, precision: str,
+                   epoch: int) -> tuple[list[float], list[float]]:
+    """MindEye's own training loop: torch autocast, AdamW, OneCycle, zero_grad, step.
+    Returns each step's time and loss."""
+    model = recipe.model.to(device).train()
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    schedule = make_schedule(cfg, len(batches))(opt)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    forward = PlainForward(model)
+    times, losses = [], []
+    for step, micro_batches in enumerate(batches):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.manual_seed(step_seed(cfg.seed, step, 0))
+        logged = 0.0
+        for micro, batch in enumerate(micro_batches):
+            with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+                loss, values = recipe.loss(forward, {**batch, "micro": micro}, step, epoch)
+            scaler.scale(loss / len(micro_batches)).backward()
+            logged += values["loss"] / len(micro_batches)
+        if cfg.train.grad_clip:
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad(set_to_none=True)
+        schedule.step()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+        losses.append(logged)
+    return times, losses
+
+
+def engine_loop(cfg: DictConfig, recipe, batches: list[list[dict]], ds: dict, rank: int, epoch: int):
+    """Our training step (train.engine.train_step) under DeepSpeed; returns each step's time
+    and loss, and the engine."""
+    engine = initialize(recipe.model, cfg, ds, len(batches))
+    engine.train()
+    times, losses = [], []
+    for step, micro_batches in enumerate(batches):
+        synchronize(engine.device)
+        start = time.perf_counter()
+        losses.append(train_step(engine, recipe, micro_batches, step, epoch, cfg.seed, rank)["loss"])
+        synchronize(engine.device)
+        times.append(time.perf_counter() - start)
+    return times, losses, engine
+
+
+def measure(cfg: DictConfig, loop: str, ds_config: Path, n_voxels: int, steps: int, warmup: int,
+            precision: str, phase: str, scratch: Path) -> dict:
+    """Run one loop on this rank (its target table in `scratch`); the record it writes."""
+    rank, local_rank, world = distributed.init()
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if loop == "reference":
+        if world != 1:
+            raise train_config.ConfigError("the reference loop runs on one device: start it without a launcher")
+        cfg.model.checkpoint_blocks = cfg.prior.checkpoint_layers = False  # MindEye's loop has none
+    recipe = synthetic_recipe(cfg, n_voxels, rank, device, scratch)
+    epoch = 0 if phase == "bimixco" else recipe.mix_epochs
+    batches = synthetic_batches(cfg, n_voxels, max(1, warmup + steps), rank, world)[: warmup + steps]
+    record = {"loop": loop, "rank": rank, "world": world, "device": str(device), "phase": phase,
+              "n_voxels": n_voxels, "batch_size": cfg.train.batch_size,
+              "n_params": sum(p.numel() for p in recipe.model.parameters())}
+    if loop == "reference":
+        record["precision"] = precision
+        recipe.model.to(device)
+        with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+            record.update(count_flops(recipe, synthetic_batches(cfg, n_voxels, 1, rank, world)[0], 0, epoch))
+        times, losses = reference_loop(cfg, recipe, batches, device, precision, epoch) if batches else ([], [])
+    else:
+        ds = deepspeed_config(ds_config, cfg, world)
+        record["precision"] = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
+        record["zero_stage"] = ds.get("zero_optimization", {}).get("stage", 0)
+        times, losses, engine = engine_loop(cfg, recipe, batches, ds, rank, epoch)
+        record.update(state_bytes(engine))
+    record.update(step_times=times[warmup:], losses=losses, peak_memory=peak_memory(device))
+    return record
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, required=True, help="recipe YAML")
+    p.add_argument("--loop", choices=("engine", "reference"), required=True)
+    p.add_argument("--ds_config", type=Path, default=Path("ds_configs/zero2.json"), help="DeepSpeed JSON (engine loop)")
+    p.add_argument("--voxels", type=int, default=NSD_SUBJ01_VOXELS, help="input voxels")
+    p.add_argument("--steps", type=int, default=10, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--precision", choices=tuple(PRECISIONS), default="bf16", help="autocast dtype of the reference loop")
+    p.add_argument("--phase", choices=("softclip", "bimixco"), default="softclip", help="which contrastive loss")
+    p.add_argument("--out", type=Path, required=True, help="records go to OUT.rank<r>.json")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("overrides", nargs="*", help="key=value config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    try:
+        cfg = train_config.load(args.config, args.overrides)
+        with tempfile.TemporaryDirectory(prefix="benchmark-targets-") as scratch:
+            record = measure(cfg, args.loop, args.ds_config, args.voxels, args.steps, args.warmup, args.precision,
+                             args.phase, Path(scratch))
+    except (train_config.ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    path = args.out.with_name(f"{args.out.name}.rank{record['rank']}.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1))
+    distributed.barrier()
+    torch.distributed.destroy_process_group()  # ZeRO-3's threads have aborted exits that skip this
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

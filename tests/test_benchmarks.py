@@ -1,0 +1,134 @@
+"""The benchmark suite: what it measures is right (FLOP counts, loss agreement of the two
+loops, ZeRO partitioning), its files and tables, and regression checks. No timing is asserted."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from benchmarks import compare
+from benchmarks.__main__ import main as benchmarks_main
+from benchmarks.step import count_flops, synthetic_batches, synthetic_recipe
+from tests.conftest import ROOT
+from train import config
+
+TINY = ["model.hidden=64", "model.proj_hidden=32", "prior.depth=1", "prior.heads=2", "prior.dim_head=8",
+        "clip.tiny.image_size=32", "clip.tiny.output_dim=16", "train.batch_size=8"]
+
+
+def test_flop_count_matches_the_backbone_matmuls(tmp_path):
+    cfg = config.load(ROOT / "train/configs/mindeye_tiny.yaml", [*TINY, "prior.enabled=false"])
+    recipe = synthetic_recipe(cfg, 300, 0, torch.device("cpu"), tmp_path)
+    counted = count_flops(recipe, synthetic_batches(cfg, 300, 1, 0, 1)[0], 0, recipe.mix_epochs)
+    b, backbone = cfg.train.batch_size, recipe.model.backbone
+    tokens = backbone.n_tokens
+    per_sample = sum(m.in_features * m.out_features for m in [*backbone.trunk.modules(), backbone.to_clip]
+                     if isinstance(m, nn.Linear))
+    per_token = sum(m.in_features * m.out_features for m in backbone.projector if isinstance(m, nn.Linear))
+    forward = 2 * b * (per_sample + tokens * per_token)
+    first = next(m for m in backbone.trunk.modules() if isinstance(m, nn.Linear))
+    # backward costs twice the forward, less the input gradient of the first layer (voxels need none)
+    assert counted["backbone_flops_per_step"] == 3 * forward - 2 * b * first.in_features * first.out_features
+    assert counted["flops_per_step"] > counted["backbone_flops_per_step"]  # + the contrastive loss
+
+
+@pytest.fixture(scope="module")
+def suite_results(tmp_path_factory):
+    """One small suite of every kind, run once through the command line."""
+    tmp = tmp_path_factory.mktemp("bench")
+    common = {"config": "train/configs/mindeye_tiny.yaml", "voxels": 300}
+    suite = {"runs": [
+        {"name": "step", "kind": "step", "precision": "fp32", "steps": 4, "warmup": 1,
+         "overrides": [*TINY, "ds.bf16.enabled=false", "train.epochs=12"], **common},
+        {"name": "zero", "kind": "zero", "ranks": 2, "stages": [0, 1, 3], "overrides": TINY, **common},
+        {"name": "loader", "kind": "pipeline", "train": 120, "epochs": 2, "target_shape": [17, 16], **common},
+        {"name": "flops", "kind": "flops", "device": "H100", "overrides": TINY, **common},
+        {"name": "metrics", "kind": "image_metrics", "images": 4},
+    ]}
+    (tmp / "suite.yaml").write_text(yaml.safe_dump(suite))
+    env_cache = {"FMRIDECODE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", str(tmp / "suite.yaml"), "--out", str(tmp / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env_cache})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return tmp / "out", json.loads((tmp / "out/results.json").read_text()), done.stdout
+
+
+def test_engine_and_reference_loop_train_alike(suite_results):
+    """Same weights, batches and seeds: the two loops must compute the same losses (fp32, 1 rank)."""
+    out, results, _ = suite_results
+    ref = json.loads((out / "step.reference.rank0.json").read_text())
+    eng = json.loads((out / "step.engine.rank0.json").read_text())
+    assert len(ref["losses"]) == len(eng["losses"]) == 5
+    assert ref["losses"][0] == pytest.approx(eng["losses"][0], rel=1e-5)
+    assert ref["losses"] == pytest.approx(eng["losses"], rel=1e-3)
+    assert ref["losses"][-1] != ref["losses"][0]  # the weights moved
+    step = results["runs"]["step"]
+    assert step["reference"]["samples_per_s"] > 0 and step["engine"]["samples_per_s"] > 0
+    assert step["engine_over_reference"] == pytest.approx(step["engine"]["samples_per_s"] / step["reference"]["samples_per_s"])
+    assert step["engine"]["voxels_per_s"] == pytest.approx(300 * step["engine"]["samples_per_s"])
+
+
+def test_zero_stages_partition_what_each_rank_holds(suite_results):
+    _, results, _ = suite_results
+    zero = results["runs"]["zero"]
+    n = zero["n_params"]
+    # bf16 parameters: every rank holds all of them under ZeRO 0 and 1, half under ZeRO-3
+    assert zero["zero0"]["params_per_rank"] == pytest.approx(2 * n, rel=0.01)
+    assert zero["zero1"]["params_per_rank"] == zero["zero0"]["params_per_rank"]
+    assert 0.45 < zero["zero3"]["params_vs_first"] < 0.55
+    # fp32 master weights + two Adam moments: 12 bytes per parameter, split over the 2 ranks from ZeRO-1 on
+    assert zero["zero1"]["optimizer_per_rank"] == pytest.approx(12 * n / 2, rel=0.05)
+    assert zero["zero3"]["optimizer_per_rank"] == pytest.approx(12 * n / 2, rel=0.05)
+
+
+def test_loader_flops_and_image_metric_figures(suite_results):
+    _, results, _ = suite_results
+    loader, flops, metrics = results["runs"]["loader"], results["runs"]["flops"], results["runs"]["metrics"]
+    assert metrics["n_images"] == 4 and metrics["images_per_s"] == pytest.approx(4 / metrics["seconds"])
+    assert loader["loader"] == "memory" and loader["n_voxels"] == 300 and loader["samples_per_s"] > 0
+    assert 0 < loader["samples_per_s_with_targets"]
+    assert flops["max_samples_per_s"] == pytest.approx(989.4e12 / flops["flops_per_sample"])
+    assert 0 < flops["backbone_flops_share"] < 1
+
+
+def test_results_files_and_table(suite_results):
+    out, results, stdout = suite_results
+    md = (out / "results.md").read_text()
+    assert results["hardware"]["date"] in md and results["hardware"]["cpu"] in md
+    for row in ("| step |", "| 0 |", "| 3 |", "| loader |", "| flops |", "| metrics |"):
+        assert row in md
+    assert md in stdout
+
+
+def test_baseline_comparison_flags_regressions(suite_results, tmp_path, capsys):
+    out, results, _ = suite_results
+    assert benchmarks_main(["--compare", str(out / "results.json"), "--baseline", str(out / "results.json")]) == 0
+    slower = json.loads(json.dumps(results))
+    slower["runs"]["step"]["engine"]["samples_per_s"] *= 2  # the baseline was twice as fast
+    (tmp_path / "base.json").write_text(json.dumps(slower))
+    assert benchmarks_main(["--compare", str(out / "results.json"), "--baseline", str(tmp_path / "base.json")]) == 1
+    assert "step.engine.samples_per_s" in capsys.readouterr().err
+
+
+def test_compare_tolerances():
+    def results(speed, memory):
+        return {"runs": {"a": {"engine": {"samples_per_s": speed, "peak_memory_per_rank": memory, "precision": "fp32"}}}}
+    rows = {r["figure"]: r for r in compare.compare(results(80, 104), results(100, 100))}
+    assert not rows["a.engine.samples_per_s"]["regressed"] and not rows["a.engine.peak_memory_per_rank"]["regressed"]
+    rows = {r["figure"]: r for r in compare.compare(results(70, 106), results(100, 100))}
+    assert rows["a.engine.samples_per_s"]["regressed"] and rows["a.engine.peak_memory_per_rank"]["regressed"]
+    assert "precision" not in " ".join(rows)  # text is not a figure
+
+
+def test_bad_suite_and_baseline_files(tmp_path, capsys):
+    (tmp_path / "s.yaml").write_text("runs:\n  - {name: a, kind: sprint}\n")
+    assert benchmarks_main(["--suite", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "o")]) == 2
+    assert "runs[0].kind: 'sprint'" in capsys.readouterr().err
+    assert benchmarks_main(["--compare", str(tmp_path / "missing.json"), "--baseline", str(tmp_path / "s.yaml")]) == 2
+    assert "missing.json: not a readable results file (--compare)" in capsys.readouterr().err
