@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = train_config.load(args.config, args.overrides)
         record = measure(cfg, args.voxels, args.train, tuple(args.target_shape), args.epochs)
-    except (train_config.ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)

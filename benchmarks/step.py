@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="benchmark-targets-") as scratch:
             record = measure(cfg, args.loop, args.ds_config, args.voxels, args.steps, args.warmup, args.precision,
                              args.phase, Path(scratch))
-    except (train_config.ConfigError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # ConfigError and DataError are ValueErrors
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     path = args.out.with_name(f"{args.out.name}.rank{record['rank']}.json")
