@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -19,32 +18,25 @@ from pathlib import Path
 import yaml
 
 from benchmarks import hardware
+from train import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class SuiteError(ValueError):
     """A bad suite file or a measurement that failed; the message names it."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(module: str, args: list[str], ranks: int, out: Path, what: str) -> list[dict]:
     """`python -m module args` on `ranks` ranks (the deepspeed launcher for more than one);
     the records every rank wrote to OUT.rank<r>.json (or OUT.json)."""
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    env = distributed.environment_without_launcher()
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // ranks)))
-    port = _free_port()
+    port = distributed.free_port()
     if ranks == 1:
         cmd = [sys.executable, "-m", module]
     else:
-        cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(port),
-               "--module", module]
+        cmd = [distributed.DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), "--module", module]
     log = out.with_name(out.name + ".log")
     with open(log, "w") as f:
         done = subprocess.run([*cmd, *args, "--out", str(out)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)

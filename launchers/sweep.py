@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -32,11 +31,10 @@ import yaml
 from data.files import atomic_write_text
 from launchers import cluster, summary
 from launchers.train_job import TrainJob, resume_flags, run_dir_of
-from train import config, engine
+from train import config, distributed, engine
 from train.closed_form import ClosedFormConfig
 
 ROOT = Path(__file__).resolve().parent.parent
-LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 class SweepError(ValueError):
@@ -123,11 +121,11 @@ def run_locally(args: argparse.Namespace, runs: list[dict]) -> list[int]:
             codes.append(0)
             continue
         if args.tasks_per_node > 1:
-            launcher = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", str(args.tasks_per_node)]
+            launcher = [distributed.DEEPSPEED, "--num_gpus", str(args.tasks_per_node)]
         else:
             launcher = [sys.executable]
         print(f"{run['name']}: running", flush=True)
-        env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}  # each run is its own group
+        env = distributed.environment_without_launcher()  # each run is its own group
         env.setdefault("OMP_NUM_THREADS", str(args.cpus_per_task))
         codes.append(subprocess.run([*launcher, str(ROOT / "train" / "main.py"), *resume, *run["argv"]],
                                     env=env).returncode)

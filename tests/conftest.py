@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from data.simulator.build import SimulatorConfig, build
+from train import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL_SIM = dict(seed=3, n_subjects=2, voxels=[300, 260], n_test=40, n_train=96, n_val=16, image_size=64)
@@ -60,25 +59,18 @@ def dataset_copy(small_dataset, tmp_path) -> Path:
     return Path(shutil.copytree(small_dataset, tmp_path / "data"))
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(args: list[str], ranks: int = 1, cache: Path | None = None, wait: bool = True, timeout: int = 600):
     """Run train/main.py in a subprocess: plain python for 1 rank, the deepspeed launcher otherwise."""
     # Drop any process-group variables an in-process run left behind in this interpreter.
-    dist_vars = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
+    env = distributed.environment_without_launcher()
     env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if cache is not None:
         env["FMRIDECODE_CACHE"] = str(cache)
     if ranks == 1:
         cmd = [sys.executable, "train/main.py", *args]
     else:
-        deepspeed = str(Path(sys.executable).parent / "deepspeed")
-        cmd = [deepspeed, "--num_gpus", str(ranks), "--master_port", str(free_port()), "train/main.py", *args]
+        cmd = [distributed.DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(distributed.free_port()),
+               "train/main.py", *args]
     if not wait:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

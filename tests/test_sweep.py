@@ -4,15 +4,12 @@ process group's, and the deepspeed launcher with a hostfile."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from launchers import sweep
-from tests.conftest import ROOT, SMALL_RUN, free_port
+from tests.conftest import ROOT, SMALL_RUN
 from train import distributed
 
 FAST = [*SMALL_RUN, "train.epochs=1", "ds.bf16.enabled=false"]
@@ -45,7 +42,7 @@ def test_bad_sweeps_are_refused_before_anything_runs(args, expected, tmp_path, c
 def test_a_local_sweep_runs_each_configuration_then_summarises(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key in sweep.LAUNCHER_VARIABLES:  # left by an earlier in-process run; each run must ignore them
+    for key in distributed.LAUNCHER_VARIABLES:  # left by an earlier in-process run; each run must ignore them
         monkeypatch.setenv(key, "45091" if key == "MASTER_PORT" else "127.0.0.1" if key == "MASTER_ADDR" else "0")
     spec = tmp_path / "sweep.yaml"
     spec.write_text(json.dumps({"recipe": "mindeye_tiny", "grid": {"train.lr": [1e-3, 3e-3]}, "overrides": FAST}))
@@ -85,12 +82,9 @@ def test_a_two_node_deepspeed_hostfile_launch_trains_across_both(tmp_path, cache
     node with its `--node_rank`; here both "nodes" are processes of this machine."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node0 slots=1\nnode1 slots=1\n")
-    run, port = tmp_path / "run", str(free_port())
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FMRIDECODE_CACHE": str(cache)}
-    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    nodes = [subprocess.Popen([deepspeed, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
+    run, port = tmp_path / "run", str(distributed.free_port())
+    env = {**distributed.environment_without_launcher(), "OMP_NUM_THREADS": "1", "FMRIDECODE_CACHE": str(cache)}
+    nodes = [subprocess.Popen([distributed.DEEPSPEED, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(rank),
                                "--master_addr", "127.0.0.1", "--master_port", port, "train/main.py", f"run_dir={run}",
                                *FAST], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]

@@ -5,11 +5,30 @@ import logging
 import os
 import socket
 import subprocess
+import sys
+from pathlib import Path
 
 import deepspeed
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
+
+# What a launcher (deepspeed, torchrun) or `init` sets for a process; a child process started
+# from one must not inherit them, or it joins the wrong group.
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+DEEPSPEED = str(Path(sys.executable).parent / "deepspeed")  # the launcher of this environment
+
+
+def environment_without_launcher() -> dict[str, str]:
+    """This process's environment less LAUNCHER_VARIABLES: for starting a new process group."""
+    return {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARIABLES}
+
+
+def free_port() -> int:
+    """A TCP port free on this host now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def slurm_environment() -> dict[str, str]:
@@ -34,10 +53,7 @@ def init() -> tuple[int, int, int]:
     if "RANK" not in os.environ:
         os.environ.update(slurm_environment())
     if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
