@@ -43,9 +43,11 @@ def label(info: dict) -> str:
     return f"{where} ({info['date']})"
 
 
-def peak_flops(precision: str) -> float | None:
-    """The current GPU's peak FLOP/s at `precision` (bf16, fp16, fp32); None on CPU or an unknown GPU."""
-    if not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(0)
-    return next((table[precision] for key, table in PEAK_FLOPS if key in name), None)
+def peak_flops(precision: str, device: str | None = None) -> float | None:
+    """The peak FLOP/s at `precision` (bf16, fp16, fp32) of the GPU named `device` (default:
+    this machine's); None on CPU or for a GPU not in PEAK_FLOPS."""
+    if device is None:
+        if not torch.cuda.is_available():
+            return None
+        device = torch.cuda.get_device_name(0)
+    return next((table[precision] for key, table in PEAK_FLOPS if key in device), None)

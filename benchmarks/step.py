@@ -41,6 +41,7 @@ from train.engine import (
     step_seed,
     train_step,
 )
+from train.recipes.subject_data import engine_dtype
 
 NSD_SUBJ01_VOXELS = 15724  # nsdgeneral voxels of NSD subject 1: MindEye 1's input size
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -219,7 +220,8 @@ def measure(cfg: DictConfig, loop: str, ds_config: Path, n_voxels: int, steps: i
         cfg.model.checkpoint_blocks = cfg.prior.checkpoint_layers = False  # MindEye's loop has none
     recipe = synthetic_recipe(cfg, n_voxels, rank, device, scratch)
     epoch = 0 if phase == "bimixco" else recipe.mix_epochs
-    batches = synthetic_batches(cfg, n_voxels, max(1, warmup + steps), rank, world)[: warmup + steps]
+    generated = synthetic_batches(cfg, n_voxels, max(1, warmup + steps), rank, world)  # one to count FLOPs on
+    batches = generated[: warmup + steps]
     record = {"loop": loop, "rank": rank, "world": world, "device": str(device), "phase": phase,
               "n_voxels": n_voxels, "batch_size": cfg.train.batch_size,
               "n_params": sum(p.numel() for p in recipe.model.parameters())}
@@ -227,13 +229,13 @@ def measure(cfg: DictConfig, loop: str, ds_config: Path, n_voxels: int, steps: i
         record["precision"] = precision
         recipe.model.to(device)
         with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
-            record.update(count_flops(recipe, synthetic_batches(cfg, n_voxels, 1, rank, world)[0], 0, epoch))
+            record.update(count_flops(recipe, generated[0], 0, epoch))
         times, losses = reference_loop(cfg, recipe, batches, device, precision, epoch) if batches else ([], [])
     else:
         ds = deepspeed_config(ds_config, cfg, world)
-        record["precision"] = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
-        record["zero_stage"] = ds.get("zero_optimization", {}).get("stage", 0)
         times, losses, engine = engine_loop(cfg, recipe, batches, ds, rank, epoch)
+        record["precision"] = {dtype: name for name, dtype in PRECISIONS.items()}[engine_dtype(engine)]
+        record["zero_stage"] = engine.zero_optimization_stage()
         record.update(state_bytes(engine))
     record.update(step_times=times[warmup:], losses=losses, peak_memory=peak_memory(device))
     return record

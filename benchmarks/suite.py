@@ -64,11 +64,20 @@ def _loop_figures(record: list[dict], peak: float | None) -> dict:
     return out
 
 
+def _options(run: dict, config: str, *keys: str) -> list[str]:
+    """`--config` (the run's or the suite's) and `--KEY VALUE` for each of `keys` the run sets
+    (what it leaves out takes the measuring module's default)."""
+    options = ["--config", run.get("config", config)]
+    for key in keys:
+        if key in run:
+            value = run[key]
+            options += [f"--{key.replace('_', '-')}", *map(str, value if isinstance(value, list) else [value])]
+    return options
+
+
 def step(run: dict, out: Path, config: str) -> dict:
     """Reference loop and engine over the same batches; engine/reference ratios and MFU."""
-    common = ["--config", run.get("config", config), "--voxels", str(run.get("voxels", 15724)),
-              "--steps", str(run.get("steps", 10)), "--warmup", str(run.get("warmup", 2)),
-              "--phase", run.get("phase", "softclip"), *run.get("overrides", [])]
+    common = [*_options(run, config, "voxels", "steps", "warmup", "phase"), *run.get("overrides", [])]
     ref = _run("benchmarks.step", ["--loop", "reference", "--precision", run.get("precision", "bf16"), *common], 1,
                out / f"{run['name']}.reference", f"{run['name']}: reference loop")
     eng = _run("benchmarks.step", ["--loop", "engine", "--ds_config", run.get("ds_config", "ds_configs/zero2.json"),
@@ -89,8 +98,8 @@ def step(run: dict, out: Path, config: str) -> dict:
 
 def zero(run: dict, out: Path, config: str) -> dict:
     """What each rank holds under each ZeRO stage (engine only)."""
-    args = ["--config", run.get("config", config), "--voxels", str(run.get("voxels", 15724)), "--steps",
-            str(run.get("steps", 2)), "--warmup", "1", *run.get("overrides", [])]
+    args = [*_options(run, config, "voxels"), "--steps", str(run.get("steps", 2)), "--warmup", "1",
+            *run.get("overrides", [])]
     stages = {}
     for stage in run.get("stages", [0, 1, 2, 3]):
         record = _run("benchmarks.step", ["--loop", "engine", "--ds_config", f"ds_configs/zero{stage}.json", *args],
@@ -105,21 +114,21 @@ def zero(run: dict, out: Path, config: str) -> dict:
 
 def pipeline(run: dict, out: Path, config: str) -> dict:
     """Loader samples/s with the model removed, alone and with target lookups."""
-    args = ["--config", run.get("config", config), "--voxels", str(run.get("voxels", 15724)),
-            "--train", str(run.get("train", 1000)), "--epochs", str(run.get("epochs", 3)),
-            "--target-shape", *map(str, run.get("target_shape", [257, 768])), *run.get("overrides", [])]
+    args = [*_options(run, config, "voxels", "train", "epochs", "target_shape"), *run.get("overrides", [])]
     return _run("benchmarks.pipeline", args, 1, out / run["name"], f"{run['name']}: pipeline")[0]
 
 
 def flops(run: dict, out: Path, config: str) -> dict:
     """FLOPs of one training sample at a scale too large to time here (one counted pass of a
     small batch), and the samples/s a GPU could consume at most: its peak over those FLOPs."""
-    args = ["--loop", "reference", "--config", run.get("config", config), "--voxels", str(run.get("voxels", 15724)),
-            "--steps", "0", "--warmup", "0", "--precision", "fp32", *run.get("overrides", [])]
+    device = run.get("device", "H100")
+    peak = hardware.peak_flops("bf16", device)
+    if peak is None:
+        raise SuiteError(f"{run['name']}: device {device!r} is not in benchmarks/hardware.py's PEAK_FLOPS")
+    args = ["--loop", "reference", *_options(run, config, "voxels"), "--steps", "0", "--warmup", "0",
+            "--precision", "fp32", *run.get("overrides", [])]
     r = _run("benchmarks.step", args, 1, out / run["name"], f"{run['name']}: FLOP count")[0]
     per_sample = r["flops_per_step"] / r["batch_size"]
-    device = run.get("device", "H100")
-    peak = next(table for key, table in hardware.PEAK_FLOPS if key in device)["bf16"]
     return {"n_params": r["n_params"], "n_voxels": r["n_voxels"], "flops_per_sample": per_sample,
             "backbone_flops_share": r["backbone_flops_per_step"] / r["flops_per_step"], "device": device,
             "device_peak_flops": peak, "max_samples_per_s": peak / per_sample}
