@@ -36,6 +36,22 @@ class Checkpoint:
     source: str  # what was loaded, for the report
     run_dir: Path | None  # the run folder it belongs to, when there is one
 
+    def load_into(self, model: torch.nn.Module) -> None:
+        """Load the weights strictly: a key missing on either side, or a shape that differs
+        (the checkpoint was trained with another config), is an error naming the key."""
+        own = model.state_dict()
+        missing = [k for k in own if k not in self.state]
+        unexpected = [k for k in self.state if k not in own]
+        for keys, what in ((missing, "lacks"), (unexpected, "has an unknown")):
+            if keys:
+                raise CheckpointError(f"{self.source}: checkpoint {what} key {keys[0]!r} ({len(keys)} such keys) "
+                                      f"for recipe {self.cfg.recipe!r}; is --config the one it was trained with?")
+        for key, value in own.items():
+            if value.shape != self.state[key].shape:
+                raise CheckpointError(f"{self.source}: {key} has shape {tuple(self.state[key].shape)}, the config "
+                                      f"builds {tuple(value.shape)}; is --config the one it was trained with?")
+        model.load_state_dict(self.state)
+
 
 def _deepspeed_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -5,7 +5,11 @@ A non-causal transformer reads [brain tokens (T) | time embedding (1) | noised i
 outputs. Per layer: pre-norm multi-query attention (12 query heads of 64, one shared
 key/value head, a learned null key/value, rotary embeddings on the first 32 dims of each
 head, a one-sided bucketed relative position bias) and a SwiGLU feed-forward (x4); the
-layer norms carry a gain only. Classifier-free guidance replaces dropped conditions by
+layer norms carry a gain only. The attention is cosine-similarity attention, as in
+dalle2-pytorch (1.14.2 for MindEye 1, 1.15.6 for MindEye 2), whose default it is: queries and
+keys (the null key included) are L2-normalised after the rotary embedding and the logits
+are 16 cos(q, k) plus the position bias. Scaled dot-product attention with the same weights
+gives a different prior, so released priors need this form. Classifier-free guidance replaces dropped conditions by
 learned null embeddings (separate ones for the brain and the noised image tokens).
 
 At dim 768, depth 6, 257 tokens this has 56,055,168 trainable parameters. MindEye 1 reports
@@ -61,11 +65,13 @@ def rotate(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-query attention with a learned null key/value."""
+    """Pre-norm multi-query cosine-similarity attention with a learned null key/value."""
+
+    COSINE_SCALE = 16.0  # logits = COSINE_SCALE * cos(q, k)
 
     def __init__(self, dim: int, heads: int, dim_head: int, dropout: float = 0.0):
         super().__init__()
-        self.heads, self.scale = heads, dim_head ** -0.5
+        self.heads = heads
         self.norm = GainLayerNorm(dim)
         self.null_kv = nn.Parameter(torch.randn(2, dim_head))
         self.to_q = nn.Linear(dim, heads * dim_head, bias=False)
@@ -76,12 +82,13 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
         b = len(x)
         x = self.norm(x)
-        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2) * self.scale  # [B, H, N, d]
+        q = self.to_q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # [B, H, N, d]
         k, v = self.to_kv(x).chunk(2, dim=-1)  # [B, N, d], shared by all heads
         q, k = rotate(q, freqs), rotate(k, freqs)
         null_k, null_v = (t.expand(b, 1, -1) for t in self.null_kv.unbind(0))
         k, v = torch.cat((null_k, k), 1), torch.cat((null_v, v), 1)
-        sim = torch.einsum("bhid,bjd->bhij", q, k) + bias
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+        sim = torch.einsum("bhid,bjd->bhij", q, k) * self.COSINE_SCALE + bias
         attn = self.dropout(sim.softmax(dim=-1, dtype=torch.float32).to(sim.dtype))
         out = torch.einsum("bhij,bjd->bhid", attn, v).transpose(1, 2).flatten(2)
         return self.to_out(out)

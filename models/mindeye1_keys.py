@@ -3,9 +3,9 @@
 Its high-level checkpoints hold the backbone and projector under `voxel2clip.` (`lin0`,
 `mlp.<i>`, `lin1`, `projector`) and the prior under `net.` (the DALL-E 2 prior network:
 `to_time_embeds`, `causal_transformer.*`, `learned_query`, null embeddings); its low-level
-checkpoints hold `lin0`, `mlp.<i>`, `lin1`, `norm`, `upsampler`, `maps_projector`. Tensors
-that are not weights (the noise schedule, rotary frequencies) are dropped: ours are
-computed from the config.
+checkpoints hold `lin0`, `mlp.<i>`, `lin1`, `norm`, `upsampler` (diffusers 0.13 key names),
+`maps_projector`. Tensors that are not weights (the noise schedule, rotary frequencies) are
+dropped: ours are computed from the config.
 """
 from __future__ import annotations
 
@@ -29,6 +29,12 @@ _HIGH = [
     (r"net\.causal_transformer\.(norm|project_out)\.", r"prior.\1."),
 ]
 _LOW = [
+    # MindEye 1 saved its decoder on diffusers 0.13, whose attention blocks named the projections
+    # query/key/value/proj_attn; current diffusers names them to_q/to_k/to_v/to_out.0.
+    (r"upsampler\.(.+\.attentions\.\d+)\.query\.", r"upsampler.\1.to_q."),
+    (r"upsampler\.(.+\.attentions\.\d+)\.key\.", r"upsampler.\1.to_k."),
+    (r"upsampler\.(.+\.attentions\.\d+)\.value\.", r"upsampler.\1.to_v."),
+    (r"upsampler\.(.+\.attentions\.\d+)\.proj_attn\.", r"upsampler.\1.to_out.0."),
     (r"lin0\.", "trunk.stem."),
     (r"mlp\.(\d+)\.", r"trunk.blocks.\1.net."),
     (r"lin1\.", "to_map."),

@@ -1,18 +1,22 @@
 """Shared fixtures: a small simulated dataset and helpers to launch training runs."""
 from __future__ import annotations
 
+import io
 import json
+import lzma
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from data.simulator.build import SimulatorConfig, build
 from train import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "tests" / "fixtures" / "reference"  # golden outputs of the reference code (README there)
 SMALL_SIM = dict(seed=3, n_subjects=2, voxels=[300, 260], n_test=40, n_train=96, n_val=16, image_size=64)
 # Overrides giving a run of a few seconds on the small dataset.
 SMALL_RUN = [
@@ -79,3 +83,11 @@ def launch(args: list[str], ranks: int = 1, cache: Path | None = None, wait: boo
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def load_reference(name: str) -> dict:
+    """A golden fixture of tests/fixtures/reference/ (`.pt`, or xz-compressed `.pt.xz`)."""
+    data = (REFERENCE / name).read_bytes()
+    if name.endswith(".xz"):
+        data = lzma.decompress(data)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)

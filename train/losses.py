@@ -33,7 +33,12 @@ def mix_voxels(voxels: torch.Tensor, rng: np.random.Generator, prob: float = 0.5
 
 
 def bimixco(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, betas: torch.Tensor, tau: float = 0.006) -> torch.Tensor:
-    """Bidirectional MixCo loss with soft targets P = diag(b); P[i, perm(i)] += 1 - b_i."""
+    """Bidirectional MixCo loss with soft targets P = diag(b); P[i, perm(i)] += 1 - b_i.
+
+    Equal to MindEye's `mixco_nce` except where the permutation leaves a sample in place
+    (perm(i) = i): MindEye overwrites P[i, i] with 1 - b_i, dropping the sample's own share
+    b_i, so that row no longer sums to 1; here P[i, i] = b_i + (1 - b_i) = 1, which is what
+    the mixed sample is (a mix of the stimulus with itself)."""
     logits = _flat_norm(pred) @ _flat_norm(target).T / tau
     n = len(logits)
     probs = torch.diag(betas.float()).to(logits.device)
@@ -42,11 +47,15 @@ def bimixco(pred: torch.Tensor, target: torch.Tensor, perm: torch.Tensor, betas:
 
 
 def soft_clip(pred: torch.Tensor, target: torch.Tensor, tau: float) -> torch.Tensor:
-    """SoftCLIP: the brain-to-image similarities learn the image-to-image similarity distribution."""
+    """SoftCLIP: the brain-to-image similarities learn the image-to-image similarity distribution.
+
+    Both directions (the rows of S = pred target^T / tau, and the rows of S^T) take the same
+    soft targets, the row softmax of the symmetric teacher logits target target^T / tau, as
+    MindEye's `soft_clip_loss` does."""
     p, t = _flat_norm(pred), _flat_norm(target)
     teacher = (t @ t.T / tau).softmax(-1)
     student = p @ t.T / tau
-    return 0.5 * (soft_cross_entropy(student, teacher) + soft_cross_entropy(student.T, teacher.T))
+    return 0.5 * (soft_cross_entropy(student, teacher) + soft_cross_entropy(student.T, teacher))
 
 
 def cosine_anneal(start: float, end: float, n: int) -> list[float]:

@@ -48,7 +48,7 @@ def png_bytes(image: torch.Tensor) -> bytes:
 def _recipe(ckpt: Checkpoint, device: torch.device):
     module = __import__(f"train.recipes.{ckpt.cfg.recipe}", fromlist=["Recipe"])
     recipe = module.Recipe(ckpt.cfg, 0, 1, device, train=False)
-    recipe.model.load_state_dict(ckpt.state)
+    ckpt.load_into(recipe.model)
     recipe.model.to(device).eval()
     return recipe
 

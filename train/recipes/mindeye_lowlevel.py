@@ -156,12 +156,14 @@ class Recipe:
         return {"latents": torch.cat(pred), "target": self.latents[arrays.image_ids], "image_ids": arrays.image_ids}
 
     def evaluate(self, engine, split: str) -> dict[str, float]:
-        return self.score(self.predict(engine, split, engine_dtype(engine)))
+        return self.score(engine, split, engine_dtype(engine))
 
-    def score(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
-        """L1 (/ latent_scale); "latent_pearson": per-sample r between predicted and true latents
-        (high even for a constant mean latent); "latent_r_across_samples": per latent element, r
-        across samples, averaged (0 for any constant prediction: the image-specific part)."""
+    def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """Scores of the latents `forward` predicts for a split: L1 (/ latent_scale);
+        "latent_pearson": per-sample r between predicted and true latents (high even for a
+        constant mean latent); "latent_r_across_samples": per latent element, r across samples,
+        averaged (0 for any constant prediction: the image-specific part)."""
+        pairs = self.predict(forward, split, dtype)
         p, t = pairs["latents"].flatten(1), pairs["target"].flatten(1)
         return {"latent_l1": (p - t).abs().mean().item() / self.cfg.loss.latent_scale,
                 "latent_pearson": _pearson(p, t, 1).mean().item(),
