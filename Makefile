@@ -26,7 +26,7 @@ demo-recon: install
 		run_dir=runs/demo_lowlevel ds.bf16.enabled=false
 	OMP_NUM_THREADS=2 $(BIN)/python -m train.reconstruct --checkpoint runs/demo --lowlevel runs/demo_lowlevel
 	OMP_NUM_THREADS=2 $(BIN)/python -m eval --checkpoint runs/demo --recons runs/demo/reconstructions \
-		--random-weights --extractors alexnet,inception --overwrite
+		--random-weights --extractors alexnet,inception --n-way-classifier inception --overwrite
 
 test: install
 	$(BIN)/python -m pytest -q -x -rs tests

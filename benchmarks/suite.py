@@ -135,8 +135,10 @@ def flops(run: dict, out: Path, config: str) -> dict:
 
 
 def image_metrics(run: dict, out: Path, config: str) -> dict:
-    """Time of every image metric of the eval package on N image pairs."""
+    """Time of the eval package's image metrics on N image pairs (the run's `extractors`, or all)."""
     args = ["--images", str(run.get("images", 1000))]
+    if "extractors" in run:
+        args += ["--extractors", ",".join(run["extractors"])]
     return _run("benchmarks.image_metrics", args, 1, out / run["name"], f"{run['name']}: image metrics")[0]
 
 

@@ -3,9 +3,16 @@
 | extractor | architecture (source)              | features                          | resize        | normalisation |
 | alexnet   | AlexNet (torchvision)              | `features.4` (Alex2), `features.11` (Alex5) | 256 bilinear | ImageNet |
 | inception | InceptionV3 (torchvision)          | `avgpool` (Incep, FID), `fc` logits (n-way) | 342 bilinear | ImageNet |
-| clip      | CLIP ViT-L/14 (open_clip)          | image embedding (CLIP)            | 224 bicubic   | CLIP          |
+| clip      | CLIP ViT-L/14, OpenAI's weights, QuickGELU (open_clip) | image embedding (CLIP) | 224 bilinear | CLIP |
 | effnet    | EfficientNet-B1 (torchvision)      | `avgpool` (EffNet-B)              | 255 bilinear  | ImageNet      |
 | swav      | ResNet-50, SwAV weights            | `avgpool` (SwAV)                  | 224 bilinear  | ImageNet      |
+| vit_h_14  | ViT-H/14, SWAG E2E weights (torchvision) | ImageNet logits (n-way)     | 518 PIL bicubic | ImageNet    |
+
+The first five are MindEye's metric models with its preprocessing (`transforms.Resize` on
+float tensors, then `Normalize`): bilinear, and without antialiasing under the default
+"reference" resize convention (eval/resize.py). ViT-H/14 is MinD-Vis' n-way classifier
+(`ViT_H_14_Weights.DEFAULT`) with its weights' `transforms()`, which resized 8-bit PIL
+images: bicubic to 518 (the centre crop is then the whole image).
 
 Weights are read only from local files: by default the file names torch.hub would
 download, in the user's hub cache (`$TORCH_HOME/hub/checkpoints`), or a path given per
@@ -19,14 +26,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import torchvision.models as tvm
 from torch import nn
 from torchvision.models.feature_extraction import create_feature_extractor
 from tqdm import tqdm
 
+from data.clip_weights import read_clip_weights
 from data.files import load_tensors
-from models.clip_image import CLIP_MEAN, CLIP_STD
+from eval.resize import resize, resize_like_pil
+from models.clip_image import CLIP_MEAN, CLIP_STD, build_visual
+from models.clip_keys import load_clip_state
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -40,7 +49,7 @@ class WeightsMissing(FileNotFoundError):
 class Spec:
     title: str
     size: int
-    interpolation: str
+    interpolation: str  # "bilinear" (a float tensor resize) or "pil-bicubic" (an 8-bit PIL resize)
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     weights_file: str  # the file name torch.hub / the `clip` package would download
@@ -56,10 +65,12 @@ SPECS: dict[str, Spec] = {
                     _url_name(tvm.AlexNet_Weights.IMAGENET1K_V1), ("alexnet2", "alexnet5")),
     "inception": Spec("InceptionV3", 342, "bilinear", IMAGENET_MEAN, IMAGENET_STD,
                       _url_name(tvm.Inception_V3_Weights.IMAGENET1K_V1), ("inception", "inception_logits")),
-    "clip": Spec("CLIP ViT-L/14", 224, "bicubic", CLIP_MEAN, CLIP_STD, "ViT-L-14.pt", ("clip",)),
+    "clip": Spec("CLIP ViT-L/14", 224, "bilinear", CLIP_MEAN, CLIP_STD, "ViT-L-14.pt", ("clip",)),
     "effnet": Spec("EfficientNet-B1", 255, "bilinear", IMAGENET_MEAN, IMAGENET_STD,
                    _url_name(tvm.EfficientNet_B1_Weights.IMAGENET1K_V2), ("effnet",)),
     "swav": Spec("SwAV ResNet-50", 224, "bilinear", IMAGENET_MEAN, IMAGENET_STD, "swav_800ep_pretrain.pth.tar", ("swav",)),
+    "vit_h_14": Spec("ViT-H/14", 518, "pil-bicubic", IMAGENET_MEAN, IMAGENET_STD,
+                     _url_name(tvm.ViT_H_14_Weights.IMAGENET1K_SWAG_E2E_V1), ("vit_h_14_logits",)),
 }
 
 
@@ -84,13 +95,31 @@ def locate_weights(name: str, given: str | None = None, search: list[Path] | Non
     raise WeightsMissing(f"{where}: {spec.title} weights not found (put the file there, or pass --weights {name}=PATH)")
 
 
-class _CLIPEmbedding(nn.Module):
+class CLIPEmbedding(nn.Module):
+    """The CLIP metric's features: OpenAI's `encode_image` (the pooled image embedding, not normalised)."""
+
     def __init__(self, visual: nn.Module):
         super().__init__()
         self.visual = visual
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"clip": self.visual(x)}
+
+
+def load_clip_visual(path: Path, visual: nn.Module) -> nn.Module:
+    """`visual` (an open_clip ViT built with QuickGELU) holding the image tower of the CLIP
+    weights file `path` (any format of data/clip_weights.py). The metric is defined with
+    OpenAI's CLIP, so a file that says it uses GELU is refused; a bare state dict is taken to be
+    OpenAI's."""
+    weights = read_clip_weights(path, WeightsMissing, "--weights clip=PATH")
+    if weights.quick_gelu is False:
+        raise WeightsMissing(f"{path}: {weights.says} says gelu: not OpenAI's CLIP, which the CLIP metric uses "
+                             "(--weights clip=PATH)")
+    try:
+        load_clip_state(visual, weights.state, "visual.")
+    except ValueError as e:
+        raise WeightsMissing(f"{path}: not OpenAI's CLIP ViT-L/14 ({e}) (--weights clip=PATH)") from None
+    return visual
 
 
 def _load(model: nn.Module, path: Path, title: str, drop_prefix: str = "", allow_missing: tuple[str, ...] = ()) -> None:
@@ -114,10 +143,9 @@ def build_extractor(name: str, weights: Path | str) -> nn.Module:
         raise ValueError(f"unknown feature extractor {name!r}; known: {', '.join(SPECS)}")
     random = weights == "random"
     title = SPECS[name].title
-    if name == "clip":
-        import open_clip
-        model = open_clip.create_model("ViT-L-14", pretrained=None if random else str(weights))
-        return _CLIPEmbedding(model.visual).eval()
+    if name == "clip":  # OpenAI's ViT-L/14, trained with QuickGELU
+        visual = build_visual("ViT-L-14", quick_gelu=True)
+        return CLIPEmbedding(visual if random else load_clip_visual(Path(weights), visual)).eval()
     if name == "alexnet":
         net, nodes, prefix, missing = tvm.alexnet(), {"features.4": "alexnet2", "features.11": "alexnet5"}, "", ()
     elif name == "inception":
@@ -125,6 +153,8 @@ def build_extractor(name: str, weights: Path | str) -> nn.Module:
         nodes, prefix, missing = {"avgpool": "inception", "fc": "inception_logits"}, "", ()
     elif name == "effnet":
         net, nodes, prefix, missing = tvm.efficientnet_b1(), {"avgpool": "effnet"}, "", ()
+    elif name == "vit_h_14":  # the SWAG E2E weights are for 518 x 518 inputs
+        net, nodes, prefix, missing = tvm.vit_h_14(image_size=SPECS[name].size), {"heads": "vit_h_14_logits"}, "", ()
     else:  # swav: a ResNet-50 trunk; the SwAV file has no ImageNet classifier
         net, nodes, prefix, missing = tvm.resnet50(), {"avgpool": "swav"}, "module.", ("fc.",)
     if not random:
@@ -132,9 +162,13 @@ def build_extractor(name: str, weights: Path | str) -> nn.Module:
     return create_feature_extractor(net.eval(), return_nodes=nodes, suppress_diff_warning=True).eval()
 
 
-def preprocess(images: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """float [B, 3, H, W] in [0, 1] -> resized to spec.size x spec.size and normalised."""
-    x = F.interpolate(images, size=(spec.size, spec.size), mode=spec.interpolation, align_corners=False, antialias=True)
+def preprocess(images: torch.Tensor, spec: Spec, convention: str = "reference") -> torch.Tensor:
+    """float [B, 3, H, W] in [0, 1] -> resized to spec.size x spec.size (a float resize in the
+    given convention, or PIL's 8-bit one) and normalised."""
+    if spec.interpolation == "pil-bicubic":
+        x = resize_like_pil(images, spec.size)
+    else:
+        x = resize(images, spec.size, spec.interpolation, convention)
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1)
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
@@ -142,7 +176,7 @@ def preprocess(images: torch.Tensor, spec: Spec) -> torch.Tensor:
 
 @torch.inference_mode()
 def extract(images: torch.Tensor, extractors: dict[str, nn.Module], device: torch.device, batch_size: int = 64,
-            desc: str = "features") -> dict[str, torch.Tensor]:
+            desc: str = "features", convention: str = "reference") -> dict[str, torch.Tensor]:
     """Every extractor's features for `images` (float [N, 3, H, W] in [0, 1]), one pass each.
 
     Each model visits the device only for its own pass. Float32 throughout, TF32 off, so
@@ -158,7 +192,7 @@ def extract(images: torch.Tensor, extractors: dict[str, nn.Module], device: torc
                 model.to(device)
                 for start in range(0, len(images), batch_size):
                     batch = images[start : start + batch_size].to(device, torch.float32, non_blocking=True)
-                    for key, value in model(preprocess(batch, SPECS[name])).items():
+                    for key, value in model(preprocess(batch, SPECS[name], convention)).items():
                         out.setdefault(key, []).append(value.float().cpu())
                     bar.update(len(batch))
                 model.to("cpu")

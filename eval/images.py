@@ -1,8 +1,9 @@
 """Image sets to score: a dataset split's stimuli, and reconstructions from a folder or a tensor file.
 
-Every image set is brought to float [N, 3, 256, 256] in [0, 1] (bilinear, antialiased) before
-any metric, as the reference protocol does; several generations per image give
-[N, G, 3, 256, 256].
+Every image set is brought to float [N, 3, 256, 256] in [0, 1] (bilinear; antialiased only
+under the "antialias" resize convention, see eval/resize.py) before any metric, as MindEye's
+metric code does (`transforms.Resize((256, 256))` on float tensors); several generations per
+image give [N, G, 3, 256, 256].
 
 Reconstructions come as
 - a folder of image files named by test sample id: `<id>.png` (one per image), or
@@ -17,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import UnidentifiedImageError
 
 from data.files import load_tensors
 from data.shards import DataError, decode_image, sample_image
 from data.splits import iter_split
+from eval.resize import resize
 
 SIZE = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
@@ -33,7 +34,7 @@ class ReconstructionError(ValueError):
     """Reconstructions that cannot be matched to the test split; the message names the file or id."""
 
 
-def to_unit(images: torch.Tensor, source: str) -> torch.Tensor:
+def to_unit(images: torch.Tensor, source: str, convention: str = "reference") -> torch.Tensor:
     """uint8 or float images -> float32 in [0, 1] at SIZE x SIZE; channels first."""
     if images.dtype == torch.uint8:
         images = images.float() / 255.0
@@ -43,15 +44,16 @@ def to_unit(images: torch.Tensor, source: str) -> torch.Tensor:
     if images.min() < -1e-3 or images.max() > 1 + 1e-3:
         raise ReconstructionError(f"{source}: float images must lie in [0, 1] (found {images.min():.3g}..{images.max():.3g})")
     lead = images.shape[:-3]
-    flat = images.reshape(-1, *images.shape[-3:])
+    flat = images.reshape(-1, *images.shape[-3:]).clamp(0, 1)  # clamped before resizing, as MindEye's metric code
     if flat.shape[1] != 3:
         raise ReconstructionError(f"{source}: expected RGB images [..., 3, H, W], got shape {tuple(images.shape)}")
     if flat.shape[-2:] != (SIZE, SIZE):
-        flat = F.interpolate(flat, size=(SIZE, SIZE), mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+        flat = resize(flat, SIZE, convention=convention)
     return flat.view(*lead, 3, SIZE, SIZE)
 
 
-def split_images(root: Path, manifest: dict, subject: int, split: str = "test") -> tuple[list[int], torch.Tensor]:
+def split_images(root: Path, manifest: dict, subject: int, split: str = "test",
+                 convention: str = "reference") -> tuple[list[int], torch.Tensor]:
     """The stimuli of one subject's split, in split order: (image ids, float [N, 3, 256, 256])."""
     ids, images = [], []
     for sample in iter_split(root, manifest, subject, split, with_images=True):
@@ -59,7 +61,7 @@ def split_images(root: Path, manifest: dict, subject: int, split: str = "test") 
         images.append(torch.from_numpy(sample_image(sample)).permute(2, 0, 1))
     if not ids:
         raise DataError(f"{root}: subject {subject} split {split!r} has no samples")
-    return ids, to_unit(torch.stack(images), f"{root} ({split} split)")
+    return ids, to_unit(torch.stack(images), f"{root} ({split} split)", convention)
 
 
 def _read_image(path: Path) -> torch.Tensor:
@@ -69,7 +71,7 @@ def _read_image(path: Path) -> torch.Tensor:
         raise ReconstructionError(f"{path}: unreadable image ({type(e).__name__})") from None
 
 
-def _from_folder(folder: Path, ids: list[int]) -> torch.Tensor:
+def _from_folder(folder: Path, ids: list[int], convention: str) -> torch.Tensor:
     found: dict[int, dict[int, Path]] = {}
     for path in sorted(folder.iterdir()):
         if path.suffix.lower() not in IMAGE_SUFFIXES:
@@ -94,13 +96,13 @@ def _from_folder(folder: Path, ids: list[int]) -> torch.Tensor:
             raise ReconstructionError(f"{folder}: id {image_id} has generations {sorted(found[image_id])}, expected 0..{g - 1}")
     images = []
     for image_id in ids:
-        per_id = [to_unit(_read_image(found[image_id][k])[None], str(found[image_id][k]))[0] for k in range(g)]
+        per_id = [to_unit(_read_image(found[image_id][k])[None], str(found[image_id][k]), convention)[0] for k in range(g)]
         images.append(torch.stack(per_id))
     out = torch.stack(images)
     return out[:, 0] if g == 1 else out
 
 
-def _from_file(path: Path, ids: list[int]) -> torch.Tensor:
+def _from_file(path: Path, ids: list[int], convention: str) -> torch.Tensor:
     obj = load_tensors(path, ReconstructionError, "unreadable tensor file")
     given_ids = None
     if isinstance(obj, dict):
@@ -124,14 +126,14 @@ def _from_file(path: Path, ids: list[int]) -> torch.Tensor:
         images = images[[row[i] for i in ids]]
     elif len(images) != len(ids):
         raise ReconstructionError(f"{path}: {len(images)} reconstructions for {len(ids)} test samples")
-    return to_unit(images, str(path))
+    return to_unit(images, str(path), convention)
 
 
-def load_reconstructions(path: Path, ids: list[int]) -> torch.Tensor:
+def load_reconstructions(path: Path, ids: list[int], convention: str = "reference") -> torch.Tensor:
     """Reconstructions for the test ids `ids`, in that order: float [N, 3, 256, 256] or [N, G, 3, 256, 256]."""
     path = Path(path)
     if path.is_dir():
-        return _from_folder(path, ids)
+        return _from_folder(path, ids, convention)
     if path.is_file():
-        return _from_file(path, ids)
+        return _from_file(path, ids, convention)
     raise ReconstructionError(f"{path}: reconstructions not found (a folder of <test id>.png files or a .pt/.npy tensor file)")

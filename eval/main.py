@@ -4,8 +4,10 @@ A label decoder (CLIP-MUSED) gets per-subject mAP, ROC AUC and Hamming loss; a m
 model (mbm) its masked-reconstruction scores on held-out subjects. An embedding
 decoder (MindEye) gets retrieval on the checkpoint's test split always; with --recons (a
 folder of <test id>.png files or a tensor file) also PixCorr, SSIM, two-way identification
-(AlexNet 2/5, InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1. An image
-generator without embeddings (fmri_ldm) needs --recons and gets the image metrics only. Writes
+(AlexNet 2/5, InceptionV3, CLIP), EffNet-B and SwAV distances, FID and 50-way top-1 (ViT-H/14). An image
+generator without embeddings (fmri_ldm) needs --recons and gets the image metrics only. The
+image metrics follow the conventions of the published tables' code unless --resize or
+--ssim-window says otherwise. Writes
 results.json, table.md, retrievals.png and reconstructions.png into --out (default
 RUN_DIR/eval). Bad input ends with one `error:` line naming the file or value.
 """
@@ -25,8 +27,9 @@ from data.shards import DataError  # noqa: E402
 from eval.checkpoint import load_checkpoint  # noqa: E402
 from eval.features import SPECS  # noqa: E402
 from eval.images import ReconstructionError  # noqa: E402
-from eval.metrics import MetricInputError  # noqa: E402
-from eval.report import ImageMetricOptions, score_checkpoint  # noqa: E402
+from eval.metrics import SSIM_WINDOWS, MetricInputError  # noqa: E402
+from eval.report import N_WAY_CLASSIFIERS, ImageMetricOptions, score_checkpoint  # noqa: E402
+from eval.resize import RESIZE_CONVENTIONS  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 
 
@@ -44,6 +47,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="weight file of one extractor (default: its torch.hub file name in --weights-dir)")
     p.add_argument("--weights-dir", type=Path, action="append", default=None,
                    help="folder of default-named weight files (default: $TORCH_HOME/hub/checkpoints and ~/.cache/clip)")
+    p.add_argument("--resize", choices=RESIZE_CONVENTIONS, default="reference",
+                   help="reference: no antialiasing, as MindEye's metric code (default); antialias: low-pass when shrinking")
+    p.add_argument("--ssim-window", choices=SSIM_WINDOWS, default="2d",
+                   help="2d: SSIM of the grayscale images, as MindEye's tables (default); columns: 1-D SSIMs down the "
+                        "pixel columns, as Brain-Diffuser's own table")
+    p.add_argument("--n-way-classifier", choices=list(N_WAY_CLASSIFIERS), default="vit_h_14",
+                   help="ImageNet classifier of the 50-way top-1 (MinD-Vis used vit_h_14)")
     p.add_argument("--random-weights", action="store_true",
                    help="random extractor weights (smoke tests only; the report marks those columns not comparable)")
     p.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. data.root=/data/nsd_shards")
@@ -63,7 +73,8 @@ def options(args: argparse.Namespace) -> ImageMetricOptions:
         weights[name] = path
     if args.random_weights:
         weights = {n: "random" for n in names}
-    return ImageMetricOptions(names, weights, args.weights_dir, torch.device(args.device), args.batch_size)
+    return ImageMetricOptions(names, weights, args.weights_dir, torch.device(args.device), args.batch_size,
+                              resize=args.resize, ssim_window=args.ssim_window, n_way_classifier=args.n_way_classifier)
 
 
 def main(argv: list[str] | None = None) -> int:

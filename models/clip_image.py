@@ -1,60 +1,87 @@
-"""A frozen open_clip image encoder that turns stimuli into MindEye's CLIP targets.
+"""A frozen CLIP image encoder (open_clip's ViT) that turns stimuli into MindEye's CLIP targets.
 
-Two target kinds:
-- "tokens": every hidden token after the final layer norm, through the visual
-  projection, each divided by the CLS token's norm ([B, 1 + n_patches, embed_dim];
-  257 x 768 for ViT-L/14 as in MindEye 1);
-- "pooled": the usual L2-free image embedding ([B, 1, embed_dim]).
+Two target kinds, both exactly as MindEye 1 computed them (its `Clipper.embed_image` with
+`norm_embs`):
+- "tokens": every hidden token after the final layer norm, through the visual projection,
+  each divided by the CLS token's norm ([B, 1 + n_patches, embed_dim]; 257 x 768 for
+  ViT-L/14);
+- "pooled": the image embedding, L2-normalised ([B, 1, embed_dim]).
 
-Real runs load pretrained weights from a local file (`clip.weights`). A randomly
-initialised encoder is built only when the config says `weights: random`, which the
-embedded default does with a small architecture and a fixed seed.
+Images are preprocessed as MindEye 1 did (`clip_preprocess`). The activation is part of the
+weights: OpenAI's CLIP, MindEye 1's, was trained with QuickGELU, open_clip's own trainings
+with GELU; the wrong one still runs but gives other targets. Weights come in as a state dict in
+OpenAI's layout (models/clip_keys.py; data/clip_weights.py reads the files); without one the
+encoder is random, which only tests and the embedded default ask for.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
+
+from models.clip_keys import load_clip_state
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def clip_preprocess(images: torch.Tensor, image_size: int, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+def clip_preprocess(images: torch.Tensor, image_size: int, mean: torch.Tensor, std: torch.Tensor,
+                    antialias: bool = False) -> torch.Tensor:
     """uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1] -> normalised [B, 3, S, S].
 
-    Bicubic (antialiased) resize of the shortest side to `image_size`, centre crop, then
-    (x - mean) / std with mean, std of shape [1, 3, 1, 1].
+    The shortest side resized to `image_size` (bicubic), a centre crop, then (x - mean) / std
+    with mean, std of shape [1, 3, 1, 1]. By default this is MindEye 1's `Resize(S, BICUBIC)`,
+    `CenterCrop(S)`, `Normalize` of torchvision 0.15 on float tensors: no antialiasing and no
+    clamping (values overshoot [0, 1] near edges), the long side truncated to an integer and
+    the crop offset rounded half to even, as torchvision does. `antialias=True` filters when
+    shrinking and clamps to [0, 1], as a resize of 8-bit PIL images does.
     """
     if images.dtype == torch.uint8:
         images = images.permute(0, 3, 1, 2).float() / 255.0
     h, w = images.shape[-2:]
-    scale = image_size / min(h, w)
-    size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
-    images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
-    top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
+    long = int(image_size * max(h, w) / min(h, w))
+    size = (image_size, long) if h <= w else (long, image_size)
+    if size != (h, w):
+        images = F.interpolate(images, size=size, mode="bicubic", align_corners=False, antialias=antialias)
+        if antialias:
+            images = images.clamp(0, 1)
+    top, left = (int(round((n - image_size) / 2.0)) for n in size)
     images = images[..., top : top + image_size, left : left + image_size]
     return (images - mean) / std
 
 
-def load_open_clip(arch: str, weights: str) -> open_clip.CLIP:
-    """The open_clip model `arch` with weights from the local checkpoint file `weights`."""
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: CLIP weights not found (set clip.weights to a local open_clip checkpoint for {arch})")
-    return open_clip.create_model(arch, pretrained=str(path))
+def create_open_clip(arch: str, quick_gelu: bool) -> open_clip.CLIP:
+    """The open_clip model `arch`, randomly initialised, with QuickGELU or GELU. Only CLIPs of
+    OpenAI's layout (an image tower and a text transformer, as `open_clip.CLIP`) are built."""
+    config = open_clip.get_model_config(arch)
+    if config is None:
+        raise ValueError(f"clip.arch: {arch!r} is not an open_clip architecture")
+    if not set(config) <= {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu"}:
+        raise ValueError(f"clip.arch: {arch} is not a CLIP of OpenAI's layout")
+    if config.get("quick_gelu") and not quick_gelu:
+        raise ValueError(f"clip.arch: {arch} is built with QuickGELU, but the weights use GELU")
+    return open_clip.CLIP(config["embed_dim"], config["vision_cfg"], config["text_cfg"], quick_gelu=quick_gelu)
+
+
+def build_visual(arch: str, quick_gelu: bool, tiny: dict | None = None) -> VisionTransformer:
+    """A randomly initialised ViT image tower: open_clip's `arch`, or the sizes in `tiny`
+    (image_size, patch_size, width, layers, heads, output_dim) when given."""
+    if tiny:
+        return VisionTransformer(mlp_ratio=4.0, act_layer=QuickGELU if quick_gelu else nn.GELU, **tiny)
+    visual = create_open_clip(arch, quick_gelu).visual
+    if not isinstance(visual, VisionTransformer):
+        raise ValueError(f"clip.arch: {arch} is not a ViT; CLIP targets need a ViT image tower")
+    return visual
 
 
 class FrozenCLIPImage(nn.Module):
-    def __init__(self, visual: VisionTransformer, image_size: int, target: str = "tokens"):
+    def __init__(self, visual: VisionTransformer, target: str = "tokens"):
         super().__init__()
         if target not in ("tokens", "pooled"):
             raise ValueError(f"clip.target: {target!r}, expected 'tokens' or 'pooled'")
-        self.visual, self.image_size, self.target = visual.eval().requires_grad_(False), image_size, target
+        self.visual, self.image_size, self.target = visual.eval().requires_grad_(False), visual.image_size[0], target
         self.register_buffer("mean", torch.tensor(CLIP_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(CLIP_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -70,7 +97,7 @@ class FrozenCLIPImage(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.preprocess(images)
         if self.target == "pooled":
-            return self.visual(x).unsqueeze(1)
+            return F.normalize(self.visual(x), dim=-1).unsqueeze(1)
         v = self.visual
         tokens = v.ln_post(v.transformer(v._embeds(x))) @ v.proj
         return tokens / tokens[:, :1].norm(dim=-1, keepdim=True)
@@ -90,18 +117,19 @@ def target_shape(arch: str, target: str, tiny: dict | None = None) -> tuple[int,
     return ((size // patch) ** 2 + 1, dim) if target == "tokens" else (1, dim)
 
 
-def build_clip_image(arch: str, weights: str, target: str, seed: int = 0, tiny: dict | None = None) -> FrozenCLIPImage:
-    """`weights` is a local checkpoint path, or "random" (only for tests and the embedded default).
+def build_clip_image(arch: str, state: dict | None, target: str, quick_gelu: bool = False, seed: int = 0,
+                     tiny: dict | None = None) -> FrozenCLIPImage:
+    """The encoder of open_clip architecture `arch` (or of the sizes in `tiny`) holding the
+    image tower of `state` (a CLIP state dict in OpenAI's layout).
 
-    For "random", `tiny` gives the VisionTransformer sizes (image_size, patch_size, width,
-    layers, heads, output_dim); the encoder is initialised from `seed`.
+    `state=None` gives a random encoder initialised from `seed` (tests and the embedded
+    default), which needs `tiny`. A state that does not fit the architecture raises ValueError.
     """
-    if weights == "random":
-        if not tiny:
-            raise ValueError("clip.weights=random needs clip.tiny sizes (image_size, patch_size, width, layers, heads, output_dim)")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            visual = VisionTransformer(mlp_ratio=4.0, **tiny)
-        return FrozenCLIPImage(visual, tiny["image_size"], target)
-    model = load_open_clip(arch, weights)
-    return FrozenCLIPImage(model.visual, model.visual.image_size[0], target)
+    if state is None and not tiny:
+        raise ValueError("clip.weights=random needs clip.tiny sizes (image_size, patch_size, width, layers, heads, output_dim)")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        visual = build_visual(arch, quick_gelu, tiny)
+    if state is not None:
+        load_clip_state(visual, state, "visual.")
+    return FrozenCLIPImage(visual, target)

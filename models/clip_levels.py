@@ -11,6 +11,12 @@ batch's stimuli:
 
 `CLIPLevels` returns both concatenated, llv first ([B, llv_dim + hlv_dim]), so that a
 cache holds one array per stimulus; `split` separates them again.
+
+CLIP-MUSED's released code starts from precomputed features of CLIP ViT-B/16 and does not
+include their extraction, so its preprocessing is not known: images here are resized with
+antialiasing and clamped, as the preprocessing that ships with OpenAI's CLIP (a bicubic
+resize of 8-bit PIL images) does. As for the image targets (models/clip_image.py), OpenAI's
+weights need QuickGELU.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch.nn.functional as F
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from models.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, load_open_clip
+from models.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, create_open_clip
+from models.clip_keys import load_clip_state
 
 
 class CLIPLevels(nn.Module):
@@ -46,7 +53,7 @@ class CLIPLevels(nn.Module):
     @torch.no_grad()
     def forward(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """images uint8 [B, H, W, 3] or float [B, 3, H, W] in [0, 1], B captions -> [B, llv_dim + hlv_dim]."""
-        x = clip_preprocess(images, self.image_size, self.mean, self.std)
+        x = clip_preprocess(images, self.image_size, self.mean, self.std, antialias=True)
         v = self.model.visual
         tokens = v.transformer.resblocks[0](v._embeds(x))[:, 1:]  # open_clip blocks are batch-first; no mask in vision
         grid = tokens.transpose(1, 2).unflatten(2, v.grid_size)  # [B, width, gh, gw]
@@ -56,24 +63,33 @@ class CLIPLevels(nn.Module):
         return torch.cat([llv, hlv], dim=1)
 
 
-def build_clip_levels(arch: str, weights: str, llv_pool: int = 2, seed: int = 0, tiny: dict | None = None) -> CLIPLevels:
-    """`weights` is a local checkpoint path, or "random" (only for tests and the embedded default).
+def build_clip_levels(arch: str, state: dict | None, quick_gelu: bool = False, llv_pool: int = 2, seed: int = 0,
+                      tiny: dict | None = None) -> CLIPLevels:
+    """The open_clip model `arch` (or of the sizes in `tiny`) holding `state`, a CLIP state dict
+    in OpenAI's layout with both towers; `state=None` gives a random model initialised from
+    `seed` (tests and the embedded default), which needs `tiny`.
 
-    For "random", `tiny` = {"embed_dim", "vision": {image_size, patch_size, width, layers,
-    heads}, "text": {context_length, vocab_size, width, layers, heads}} gives the CLIP
-    sizes; the model is initialised from `seed`. The text vocab must be the full CLIP BPE
-    vocab (49408): the text tower pools at the end-of-text token, found as the largest id.
+    `tiny` = {"embed_dim", "vision": {image_size, patch_size, width, layers, heads}, "text":
+    {context_length, vocab_size, width, layers, heads}}. The text vocab must be the full CLIP
+    BPE vocab (49408): the text tower pools at the end-of-text token, found as the largest id.
+    A state that does not fit the architecture raises ValueError.
     """
-    if weights != "random":
-        return CLIPLevels(load_open_clip(arch, weights), open_clip.get_tokenizer(arch), llv_pool)
-    if not tiny:
+    if tiny:
+        tokenizer = SimpleTokenizer(context_length=tiny["text"]["context_length"])
+        if tiny["text"].get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
+            raise ValueError(f"clip.tiny.text.vocab_size: {tiny['text']['vocab_size']}, expected {tokenizer.vocab_size} (CLIP BPE)")
+        vision = {k: v for k, v in tiny["vision"].items() if k != "heads"}  # open_clip's vision cfg takes head_width
+        vision["head_width"] = vision["width"] // tiny["vision"]["heads"]
+    elif state is None:
         raise ValueError("clip.weights=random needs clip.tiny sizes (embed_dim, vision: {...}, text: {...})")
-    tokenizer = SimpleTokenizer(context_length=tiny["text"]["context_length"])
-    if tiny["text"].get("vocab_size", tokenizer.vocab_size) != tokenizer.vocab_size:
-        raise ValueError(f"clip.tiny.text.vocab_size: {tiny['text']['vocab_size']}, expected {tokenizer.vocab_size} (CLIP BPE)")
-    vision = {k: v for k, v in tiny["vision"].items() if k != "heads"}  # open_clip's vision cfg takes head_width
-    vision["head_width"] = vision["width"] // tiny["vision"]["heads"]
+    else:
+        tokenizer = open_clip.get_tokenizer(arch)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = open_clip.CLIP(tiny["embed_dim"], vision, tiny["text"])
+        if tiny:
+            model = open_clip.CLIP(tiny["embed_dim"], vision, tiny["text"], quick_gelu=quick_gelu)
+        else:
+            model = create_open_clip(arch, quick_gelu)
+    if state is not None:
+        load_clip_state(model, state)
     return CLIPLevels(model, tokenizer, llv_pool)

@@ -60,7 +60,9 @@ def test_eval_reproduces_training_retrieval_and_writes_report(run_dir, env, tmp_
     assert 0.5 < results["pixcorr"] < 1 and 0 < results["ssim"] < 1
     assert results["alexnet2"] > 90 and results["inception"] > 50 and math.isfinite(results["fid"])
     assert results["random_feature_weights"] == ["alexnet", "inception"]
+    assert results["resize_convention"] == "reference" and results["ssim_window"] == "2d"
     table = (out / "table.md").read_text()
+    assert "images resized without antialiasing" in table and "MindEye 2's paper" in table
     header = table.splitlines()[0]
     order = ["PixCorr", "SSIM", "Alex(2)", "Alex(5)", "Incep", "CLIP", "EffNet-B", "SwAV", "Image retrieval", "Brain retrieval"]
     assert [header.index(c) for c in order] == sorted(header.index(c) for c in order)
@@ -83,8 +85,11 @@ def test_exact_reconstructions_score_perfectly_from_a_tensor_file(run_dir, env, 
     torch.save({"image_ids": [ids[i] for i in order], "images": truth[order]}, path)
     out = tmp_path / "report"
     assert main(["--checkpoint", str(run_dir / "checkpoints" / "step00000024"), "--recons", str(path),
-                 "--out", str(out), "--extractors", "alexnet,effnet", "--random-weights"]) == 0
+                 "--out", str(out), "--extractors", "alexnet,effnet", "--random-weights", "--resize", "antialias",
+                 "--ssim-window", "columns"]) == 0
     r = json.loads((out / "results.json").read_text())
+    assert r["resize_convention"] == "antialias" and r["ssim_window"] == "columns"
+    assert "WITH antialiasing" in (out / "table.md").read_text()
     assert r["pixcorr"] == pytest.approx(1, abs=1e-6) and r["ssim"] == pytest.approx(1, abs=1e-9)
     assert r["alexnet2"] == r["alexnet5"] == 100.0 and r["effnet"] == pytest.approx(0, abs=1e-5)
 

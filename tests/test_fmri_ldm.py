@@ -194,7 +194,7 @@ def test_generate_with_ddim_and_plms_resumably_and_score_the_images(run_dir, env
 
     report = tmp_path / "eval"
     assert eval_main(["--checkpoint", str(run_dir), "--recons", str(plms), "--out", str(report), "--random-weights",
-                      "--extractors", "alexnet,inception", "--device", "cpu"]) == 0
+                      "--extractors", "alexnet,inception", "--n-way-classifier", "inception", "--device", "cpu"]) == 0
     r = json.loads((report / "results.json").read_text())
     for key in ("pixcorr", "ssim", "inception_50way_top1", "alexnet2", "inception"):
         assert math.isfinite(r[key]), key

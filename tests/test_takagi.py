@@ -80,7 +80,7 @@ def test_generate_resumably_and_score_the_images(run_dir, env, tmp_path):
     assert len(names) == 2 * SIM["n_test"]
     report = tmp_path / "eval"
     assert eval_main(["--checkpoint", str(run_dir), "--recons", str(out), "--out", str(report), "--random-weights",
-                      "--extractors", "alexnet,inception", "--device", "cpu"]) == 0
+                      "--extractors", "alexnet,inception", "--n-way-classifier", "inception", "--device", "cpu"]) == 0
     r = json.loads((report / "results.json").read_text())
     for key in ("pixcorr", "ssim", "alexnet2", "inception", "inception_50way_top1"):
         assert math.isfinite(r[key]), key

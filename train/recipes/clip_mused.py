@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from data.clip_weights import config_weights
 from data.targets import cached_targets
 from eval.metrics import hamming_loss, multilabel_auc, multilabel_map
 from models.clip_levels import build_clip_levels
@@ -62,8 +63,9 @@ class TinyCLIPConfig:
 
 @dataclass
 class ClipConfig:
-    arch: str = "ViT-B-32"  # open_clip architecture name
-    weights: str = ""  # local open_clip checkpoint file, or "random" (tests, embedded default)
+    arch: str = "ViT-B-16"  # open_clip architecture name (CLIP-MUSED used CLIP ViT-B/16)
+    weights: str = ""  # local CLIP weights file (OpenAI, open_clip or Hugging Face), or "random" (tests, embedded default)
+    activation: str = "auto"  # "auto" (from the weights file: OpenAI's -> QuickGELU), "quick_gelu" or "gelu"
     llv_pool: int = 2  # first-block patch tokens pooled to llv_pool x llv_pool positions
     seed: int = 0  # initialisation of a random model
     batch_size: int = 64
@@ -111,14 +113,17 @@ class Recipe:
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.device = cfg, device
         c = cfg.clip
-        if not c.weights:
-            raise ConfigError("clip.weights is not set: give a local open_clip checkpoint, or 'random'")
+        state, quick_gelu = config_weights(c.weights, c.activation, ConfigError)  # first: missing files fail fast
         tiny = OmegaConf.to_container(c.tiny) if c.tiny is not None else None
-        clip = build_clip_levels(c.arch, c.weights, c.llv_pool, c.seed, tiny).to(device)  # first: missing files fail fast
+        try:
+            clip = build_clip_levels(c.arch, state, quick_gelu, c.llv_pool, c.seed, tiny).to(device)
+        except ValueError as e:
+            raise ConfigError(str(e) if state is None else f"{c.weights}: {e} (clip.weights for clip.arch={c.arch})") from None
+        del state
         self.data = SubjectData(cfg, self._subjects(cfg))
         self.root, self.manifest, self.subjects = self.data.root, self.data.manifest, self.data.subjects
-        key = {"kind": "clip_levels", "arch": c.arch, "weights": c.weights, "seed": c.seed, "llv_pool": c.llv_pool,
-               "tiny": tiny}
+        key = {"kind": "clip_levels", "arch": c.arch, "weights": c.weights, "activation": c.activation, "seed": c.seed,
+               "llv_pool": c.llv_pool, "tiny": tiny, "preprocess": "bicubic-antialiased"}
         self.targets = cached_targets(lambda images, captions: clip(images.to(device), [c[0] if c else "" for c in captions]), key, self.root, self.manifest, self.subjects, self.data.cache,
                                       c.batch_size, "CLIP features", with_captions=True)
         self.llv_dim = clip.llv_dim

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from data.clip_weights import config_weights
 from data.targets import TargetTable, cached_targets
 from eval.metrics import retrieval
 from models.clip_image import build_clip_image
@@ -39,7 +40,8 @@ class TinyViTConfig:
 @dataclass
 class ClipConfig:
     arch: str = "ViT-L-14"  # open_clip architecture name
-    weights: str = ""  # local open_clip checkpoint file, or "random" (tests, embedded default)
+    weights: str = ""  # local CLIP weights file (OpenAI, open_clip or Hugging Face), or "random" (tests, embedded default)
+    activation: str = "auto"  # "auto" (from the weights file: OpenAI's -> QuickGELU), "quick_gelu" or "gelu"
     target: str = "tokens"  # "tokens" (257 x 768 for ViT-L/14) or "pooled" (1 x 768)
     seed: int = 0  # initialisation of a random encoder
     batch_size: int = 64
@@ -114,17 +116,20 @@ class Config(RunConfig):
 
 
 def clip_key(c: DictConfig) -> dict:
-    """What identifies the CLIP targets of `clip.*` in the target cache."""
-    return {"arch": c.arch, "weights": c.weights, "target": c.target, "seed": c.seed,
-            "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None}
+    """What identifies the CLIP targets of `clip.*` in the target cache ("preprocess" names
+    MindEye 1's preprocessing, so that targets computed otherwise are never reused)."""
+    return {"arch": c.arch, "weights": c.weights, "activation": c.activation, "target": c.target, "seed": c.seed,
+            "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None, "preprocess": "mindeye1"}
 
 
 def clip_encoder(c: DictConfig):
     """The frozen CLIP image encoder of `clip.*` (random or loaded from `clip.weights`)."""
-    if not c.weights:
-        raise ConfigError(f"clip.weights is not set: give a local open_clip checkpoint for {c.arch}, or 'random'")
+    state, quick_gelu = config_weights(c.weights, c.activation, ConfigError)
     k = clip_key(c)
-    return build_clip_image(k["arch"], k["weights"], k["target"], k["seed"], k["tiny"])
+    try:
+        return build_clip_image(k["arch"], state, k["target"], quick_gelu, k["seed"], k["tiny"])
+    except ValueError as e:
+        raise ConfigError(str(e) if state is None else f"{c.weights}: {e} (clip.weights for clip.arch={c.arch})") from None
 
 
 def clip_targets(c: DictConfig, data: SubjectData, encoder) -> TargetTable:
