@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from data.files import load_tensors
 from models.mindeye1_keys import from_mindeye1, is_mindeye1
+from models.strict_load import load_strict
 from train import config
 
 
@@ -39,18 +40,11 @@ class Checkpoint:
     def load_into(self, model: torch.nn.Module) -> None:
         """Load the weights strictly: a key missing on either side, or a shape that differs
         (the checkpoint was trained with another config), is an error naming the key."""
-        own = model.state_dict()
-        missing = [k for k in own if k not in self.state]
-        unexpected = [k for k in self.state if k not in own]
-        for keys, what in ((missing, "lacks"), (unexpected, "has an unknown")):
-            if keys:
-                raise CheckpointError(f"{self.source}: checkpoint {what} key {keys[0]!r} ({len(keys)} such keys) "
-                                      f"for recipe {self.cfg.recipe!r}; is --config the one it was trained with?")
-        for key, value in own.items():
-            if value.shape != self.state[key].shape:
-                raise CheckpointError(f"{self.source}: {key} has shape {tuple(self.state[key].shape)}, the config "
-                                      f"builds {tuple(value.shape)}; is --config the one it was trained with?")
-        model.load_state_dict(self.state)
+        try:
+            load_strict(model, self.state)
+        except ValueError as e:
+            raise CheckpointError(f"{self.source}: {e} (recipe {self.cfg.recipe!r}); is --config the one it was "
+                                  "trained with?") from None
 
 
 def _deepspeed_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ from data.clip_weights import read_clip_weights
 from data.files import load_tensors
 from eval.resize import resize, resize_like_pil
 from models.clip_image import CLIP_MEAN, CLIP_STD, build_visual
-from models.clip_keys import load_clip_state
+from models.strict_load import load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -116,7 +116,7 @@ def load_clip_visual(path: Path, visual: nn.Module) -> nn.Module:
         raise WeightsMissing(f"{path}: {weights.says} says gelu: not OpenAI's CLIP, which the CLIP metric uses "
                              "(--weights clip=PATH)")
     try:
-        load_clip_state(visual, weights.state, "visual.")
+        load_strict(visual, weights.state, "visual.")
     except ValueError as e:
         raise WeightsMissing(f"{path}: not OpenAI's CLIP ViT-L/14 ({e}) (--weights clip=PATH)") from None
     return visual

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU, VisionTransformer
 from torch import nn
 
-from models.clip_keys import load_clip_state
+from models.strict_load import load_strict
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -131,5 +131,5 @@ def build_clip_image(arch: str, state: dict | None, target: str, quick_gelu: boo
         torch.manual_seed(seed)
         visual = build_visual(arch, quick_gelu, tiny)
     if state is not None:
-        load_clip_state(visual, state, "visual.")
+        load_strict(visual, state, "visual.")
     return FrozenCLIPImage(visual, target)

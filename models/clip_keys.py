@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 
 import torch
-from torch import nn
 
 OPENAI_SIZE_ENTRIES = ("input_resolution", "context_length", "vocab_size")
 
@@ -79,26 +78,3 @@ def to_openai_layout(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] 
         else:  # left under their own names, so that loading reports them
             out.update({f"{block}self_attn.{p}_proj.{kind}": v for p, v in parts.items()})
     return out
-
-
-def load_clip_state(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
-    """Load the entries of `state` (OpenAI's layout) under `prefix` into `module`, strictly.
-
-    A missing, unexpected or misshapen entry raises ValueError naming the first one (e.g. the
-    weights of another architecture, or an image-only file where a text tower is needed).
-    """
-    given = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    own = module.state_dict()
-    missing = [k for k in own if k not in given]
-    unexpected = [k for k in given if k not in own]
-    misshapen = [k for k in own if k in given and given[k].shape != own[k].shape]
-    more = lambda names: f" and {len(names) - 1} more" if len(names) > 1 else ""  # noqa: E731
-    if misshapen:
-        k = misshapen[0]
-        raise ValueError(f"{prefix}{k} is {list(given[k].shape)} in the weights, {list(own[k].shape)} in the model"
-                         f"{more(misshapen)}")
-    if missing:
-        raise ValueError(f"the weights lack {prefix}{missing[0]}{more(missing)}")
-    if unexpected:
-        raise ValueError(f"the weights hold {prefix}{unexpected[0]}{more(unexpected)}, which the model has not")
-    module.load_state_dict(given)

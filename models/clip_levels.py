@@ -27,7 +27,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from models.clip_image import CLIP_MEAN, CLIP_STD, clip_preprocess, create_open_clip
-from models.clip_keys import load_clip_state
+from models.strict_load import load_strict
 
 
 class CLIPLevels(nn.Module):
@@ -91,5 +91,5 @@ def build_clip_levels(arch: str, state: dict | None, quick_gelu: bool = False, l
         else:
             model = create_open_clip(arch, quick_gelu)
     if state is not None:
-        load_clip_state(model, state)
+        load_strict(model, state)
     return CLIPLevels(model, tokenizer, llv_pool)
