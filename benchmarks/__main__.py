@@ -18,6 +18,7 @@ from pathlib import Path
 
 from benchmarks import compare, hardware, report
 from benchmarks.suite import SuiteError, run_suite
+from data.cli import run_cli
 from data.files import atomic_write_text
 
 
@@ -42,32 +43,32 @@ def _read(path: Path, flag: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        if args.compare:
-            if not args.baseline:
-                raise SuiteError("--compare needs --baseline")
-            results = _read(args.compare, "--compare")
-        else:
-            results = run_suite(args.suite, args.out, args.only, progress=lambda m: print(m, flush=True))
-            atomic_write_text(args.out / "results.json", json.dumps(results, indent=1))
-            atomic_write_text(args.out / "results.md", report.markdown(results))
-            print(report.markdown(results))
-            print(f"written: {args.out / 'results.json'}, {args.out / 'results.md'}")
-        if args.baseline:
-            baseline = _read(args.baseline, "--baseline")
-            ours, theirs = (hardware.label(r["hardware"]) for r in (results, baseline))
-            print(f"baseline: {theirs}; new: {ours}")
-            rows = compare.compare(results, baseline, args.speed_tolerance, args.memory_tolerance)
-            if not rows:
-                raise SuiteError(f"{args.baseline}: no figure in common with the new results")
-            print(compare.table(rows))
-            regressed = [r["figure"] for r in rows if r["regressed"]]
-            if regressed:
-                print(f"regressed against {args.baseline}: {', '.join(regressed)}", file=sys.stderr)
-                return 1
-    except SuiteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: benchmark(args), report=True)
+
+
+def benchmark(args: argparse.Namespace) -> int:
+    if args.compare:
+        if not args.baseline:
+            raise SuiteError("--compare needs --baseline")
+        results = _read(args.compare, "--compare")
+    else:
+        results = run_suite(args.suite, args.out, args.only, progress=lambda m: print(m, flush=True))
+        atomic_write_text(args.out / "results.json", json.dumps(results, indent=1))
+        atomic_write_text(args.out / "results.md", report.markdown(results))
+        print(report.markdown(results))
+        print(f"written: {args.out / 'results.json'}, {args.out / 'results.md'}")
+    if args.baseline:
+        baseline = _read(args.baseline, "--baseline")
+        ours, theirs = (hardware.label(r["hardware"]) for r in (results, baseline))
+        print(f"baseline: {theirs}; new: {ours}")
+        rows = compare.compare(results, baseline, args.speed_tolerance, args.memory_tolerance)
+        if not rows:
+            raise SuiteError(f"{args.baseline}: no figure in common with the new results")
+        print(compare.table(rows))
+        regressed = [r["figure"] for r in rows if r["regressed"]]
+        if regressed:
+            print(f"regressed against {args.baseline}: {', '.join(regressed)}", file=sys.stderr)
+            return 1
     return 0
 
 

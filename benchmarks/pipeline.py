@@ -20,9 +20,9 @@ import numpy as np
 from omegaconf import DictConfig
 
 from benchmarks.step import NSD_SUBJ01_VOXELS, random_targets
+from data.subject_data import SubjectData
 from data.targets import TargetTable
 from train import config as train_config
-from train.recipes.subject_data import SubjectData
 
 
 def simulated(cfg: DictConfig, n_voxels: int, n_train: int) -> SubjectData:

@@ -32,16 +32,16 @@ from omegaconf import DictConfig, OmegaConf
 from data.targets import TargetTable
 from models.clip_image import target_shape
 from train import config as train_config
-from train import distributed
+from train import distributed, registry
+from train.components.precision import engine_dtype
+from train.components.seeding import step_seed
 from train.engine import (
     deepspeed_config,
     initialize,
     make_schedule,
     param_groups,
-    step_seed,
     train_step,
 )
-from train.recipes.subject_data import engine_dtype
 
 NSD_SUBJ01_VOXELS = 15724  # nsdgeneral voxels of NSD subject 1: MindEye 1's input size
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -64,7 +64,7 @@ def synthetic_recipe(cfg: DictConfig, n_voxels: int, rank: int, device: torch.de
     batches), in a target table written to `folder`."""
     if cfg.recipe != "mindeye":
         raise train_config.ConfigError(f"recipe: benchmarks time 'mindeye' so far, not {cfg.recipe!r}")
-    from train.recipes.mindeye import Recipe
+    Recipe = registry.get(cfg.recipe)
     c = cfg.clip
     shape = target_shape(c.arch, c.target, OmegaConf.to_container(c.tiny) if c.tiny is not None else None)
     targets = random_targets(folder, np.arange(2 * cfg.train.batch_size), shape, cfg.seed)

@@ -18,12 +18,13 @@ from pathlib import Path
 import yaml
 
 from benchmarks import hardware
+from models.errors import InputError
 from train import distributed
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class SuiteError(ValueError):
+class SuiteError(InputError):
     """A bad suite file or a measurement that failed; the message names it."""
 
 

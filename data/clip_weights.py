@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file as load_safetensors
 
 from data.files import read_json
+from data.pretrained_weights import WeightsMissing
 from models.clip_keys import OPENAI_SIZE_ENTRIES, clip_layout, to_openai_layout
 
 FORMATS = ("OpenAI's TorchScript release (e.g. ViT-L-14.pt), an OpenAI or open_clip state dict, or a Hugging Face "
@@ -59,12 +60,12 @@ def _tensors(path: Path) -> tuple[dict, bool]:
 def read_clip_weights(path: str | Path, error: type[Exception], flag: str) -> CLIPWeights:
     """The CLIP weights in file `path` and what the file says of its activation.
 
-    A missing file raises FileNotFoundError, a file in none of the FORMATS `error`, each one
+    A missing file raises WeightsMissing, a file in none of the FORMATS `error`, each one
     line naming the file and `flag` (where the user gave it, e.g. "clip.weights").
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: CLIP weights not found ({flag})")
+        raise WeightsMissing(f"{path}: CLIP weights not found ({flag})")
     try:
         raw, torchscript = _tensors(path)
         state = to_openai_layout(raw) if isinstance(raw, dict) else None

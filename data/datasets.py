@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
@@ -17,6 +18,8 @@ from filelock import FileLock
 
 from data.shards import MANIFEST, DataError, load_manifest
 from data.simulator.build import GENERATOR_VERSION, SimulatorConfig, build
+
+logger = logging.getLogger(__name__)
 
 
 def cache_dir(configured: str | None = None) -> Path:
@@ -41,6 +44,6 @@ def resolve_dataset(root: str, sim: SimulatorConfig, cache: Path) -> Path:
         if not (path / MANIFEST).is_file():
             if path.exists():
                 raise DataError(f"{path}: incomplete simulated dataset without {MANIFEST}; remove it to regenerate")
-            print(f"generating the simulated dataset (seed {sim.seed}) into {path}", flush=True)
+            logger.info("generating the simulated dataset (seed %d) into %s", sim.seed, path)
             build(sim, path)
     return path

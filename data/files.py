@@ -10,11 +10,18 @@ import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, then rename: readers never see a half-written file."""
+    """Write to a temporary sibling, then rename: readers never see a half-written file. If
+    the write fails (a full disk), the temporary file is removed and the OSError names `path`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        if e.filename is None:
+            raise OSError(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:

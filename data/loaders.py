@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data.splits import SplitArrays
+from models.errors import ConfigError
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -32,12 +33,12 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 class MemoryLoader:
     def __init__(self, split: SplitArrays, batch_size: int, grad_accum: int, rank: int, world: int, seed: int):
         if batch_size % (grad_accum * world):
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
         self.split, self.batch_size, self.grad_accum, self.rank, self.world, self.seed = split, batch_size, grad_accum, rank, world, seed
         self.micro = batch_size // (grad_accum * world)
         self.steps_per_epoch = len(split) // batch_size
         if self.steps_per_epoch == 0:
-            raise ValueError(f"train.batch_size={batch_size} exceeds the {len(split)} training samples")
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(split)} training samples")
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict]]:
         g = _epoch_generator(self.seed, epoch)
@@ -72,10 +73,12 @@ def _stream_collate(seed: int):
 class StreamLoader:
     def __init__(self, dataset, n_samples: int, batch_size: int, grad_accum: int, world: int, seed: int, num_workers: int):
         if batch_size % (grad_accum * world):
-            raise ValueError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
+            raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
         self.dataset, self.grad_accum, self.seed, self.num_workers = dataset, grad_accum, seed, num_workers
         self.micro = batch_size // (grad_accum * world)
         self.steps_per_epoch = n_samples // batch_size
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the {n_samples} training samples")
         self._stream: Iterator[dict] | None = None
         self._position = 0  # micro-batches consumed
 

@@ -6,7 +6,7 @@ Layout of a dataset folder:
     subj01/train-000000.tar, subj01/val-000000.tar, subj01/test-000000.tar, ...
 
 Each sample in a shard holds:
-    __key__       "s{subject:02d}_{image_id:06d}"
+    __key__       "s{subject:02d}_{image_id:06d}" (a repeat of an image within a split: "_1", "_2", ...)
     voxels.npy    float16 [n_repeats, n_voxels], the single-trial responses to one image
     image.png     the stimulus, RGB uint8 (or image.jpg: a JPEG kept as published; or no
                   image at all, for data without stimuli such as resting state)
@@ -31,12 +31,13 @@ import numpy as np
 from PIL import Image
 
 from data.files import read_json
+from models.errors import InputError
 
 MANIFEST = "manifest.json"
 FORMAT = "fmri-shards/1"
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad input data; the message names the file."""
 
 

@@ -14,18 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 from tqdm import tqdm
 
 from data.shards import MANIFEST, sample_image
 from data.splits import iter_split
-
-
-def resize_stimuli(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 [B, H, W, 3] -> float [B, 3, size, size] in [0, 1] (bicubic, antialiased)."""
-    x = images.permute(0, 3, 1, 2).float() / 255.0
-    return F.interpolate(x, size=(size, size), mode="bicubic", antialias=True, align_corners=False).clamp(0, 1)
+from models.stimuli import resize_stimuli
 
 
 def stimuli_at(size: int) -> Callable[[torch.Tensor], torch.Tensor]:

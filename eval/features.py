@@ -33,16 +33,13 @@ from tqdm import tqdm
 
 from data.clip_weights import read_clip_weights
 from data.files import load_tensors
+from data.pretrained_weights import WeightsMissing
 from eval.resize import resize, resize_like_pil
 from models.clip_image import CLIP_MEAN, CLIP_STD, build_visual
 from models.strict_load import load_strict
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class WeightsMissing(FileNotFoundError):
-    """A pretrained weight file is not where the report was told to find it."""
 
 
 @dataclass(frozen=True)

@@ -24,13 +24,14 @@ from data.files import load_tensors
 from data.shards import DataError, decode_image, sample_image
 from data.splits import iter_split
 from eval.resize import resize
+from models.errors import InputError
 
 SIZE = 256
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 _NAME = re.compile(r"^(\d+)(?:_(\d+))?$")
 
 
-class ReconstructionError(ValueError):
+class ReconstructionError(InputError):
     """Reconstructions that cannot be matched to the test split; the message names the file or id."""
 
 

@@ -23,14 +23,14 @@ if str(ROOT) not in sys.path:  # `python eval/main.py` puts eval/ (not the repos
 
 import torch  # noqa: E402
 
-from data.shards import DataError  # noqa: E402
-from eval.checkpoint import load_checkpoint  # noqa: E402
+from data import logs  # noqa: E402
+from data.cli import run_cli  # noqa: E402
 from eval.features import SPECS  # noqa: E402
-from eval.images import ReconstructionError  # noqa: E402
-from eval.metrics import SSIM_WINDOWS, MetricInputError  # noqa: E402
+from eval.metrics import SSIM_WINDOWS  # noqa: E402
 from eval.report import N_WAY_CLASSIFIERS, ImageMetricOptions, score_checkpoint  # noqa: E402
 from eval.resize import RESIZE_CONVENTIONS  # noqa: E402
-from train.config import ConfigError  # noqa: E402
+from models.errors import ConfigError  # noqa: E402
+from train import registry  # noqa: E402  (the one use of train/: recipes by name)
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,23 +77,24 @@ def options(args: argparse.Namespace) -> ImageMetricOptions:
                               resize=args.resize, ssim_window=args.ssim_window, n_way_classifier=args.n_way_classifier)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse(argv)
-    try:
-        opts = options(args)
-        ckpt = load_checkpoint(args.checkpoint, args.config, args.overrides)
-        out = args.out or (ckpt.run_dir / "eval" if ckpt.run_dir else None)
-        if out is None:
-            raise ConfigError("--out is required for a single weights file")
-        if (out / "results.json").exists() and not args.overwrite:
-            raise FileExistsError(f"{out}: already holds a report; pass --overwrite to replace it")
-        results = score_checkpoint(ckpt, out, args.recons, opts)
-    except (ConfigError, DataError, MetricInputError, ReconstructionError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+def evaluate(args: argparse.Namespace) -> None:
+    opts = options(args)
+    ckpt, recipe = registry.from_checkpoint(args.checkpoint, args.config, args.overrides, opts.device)
+    out = args.out or (ckpt.run_dir / "eval" if ckpt.run_dir else None)
+    if out is None:
+        raise ConfigError("--out is required for a single weights file")
+    if (out / "results.json").exists() and not args.overwrite:
+        raise FileExistsError(f"{out}: already holds a report; pass --overwrite to replace it")
+    info = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe}
+    results = score_checkpoint(recipe, registry.capabilities(recipe), info, out, args.recons, opts)
     print((out / "table.md").read_text())
     print(f"report written to {out} ({', '.join([*(Path(f).name for f in results['figures']), 'results.json', 'table.md'])})")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    logs.setup(0)
+    return run_cli(lambda: evaluate(args), report=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""A report on one checkpoint: retrieval on the test split and, given reconstructions, every
-image metric (the image metrics alone for a recipe that generates images but predicts no
-embeddings, e.g. fmri_ldm); written as results.json, table.md (the reference's column order, beside the
-published numbers) and PNG figures.
+"""A report on one checkpoint, from a recipe holding its weights and the capabilities the
+recipe declares: its own test scores (retrieval for an embedding decoder, per-subject mAP /
+AUC / Hamming for a label decoder, ...), the retrieval figure, and, given reconstructions,
+every image metric; written as results.json, table.md (the reference's column order,
+beside the published numbers) and PNG figures. Nothing here imports train/: the eval CLI
+(eval/main.py) builds the recipe through the registry and passes it in.
 """
 from __future__ import annotations
 
@@ -15,12 +17,11 @@ from torch import nn
 from data.files import atomic_write_text
 from data.shards import DataError
 from eval import metrics
-from eval.checkpoint import Checkpoint
 from eval.features import SPECS, build_extractor, extract, locate_weights
 from eval.figures import reconstructions_figure, retrievals_figure
 from eval.images import load_reconstructions, split_images
-from train.config import ConfigError
-from train.recipes.subject_data import SubjectData
+from models import scores as scores_lib
+from models.errors import ConfigError
 
 # (result key, column title, higher is better), in the reference's column order.
 COLUMNS = [
@@ -94,7 +95,7 @@ def image_metrics(truth: torch.Tensor, recons: torch.Tensor, extractors: dict[st
     fake = {k: v.view(*recons.shape[:-3], *v.shape[1:]) for k, v in fake_flat.items()}
     for key in TWO_WAY:
         if key in real:
-            out[key] = metrics.two_way_identification(real[key].to(d), fake[key].to(d))
+            out[key] = scores_lib.two_way_identification(real[key].to(d), fake[key].to(d))
     for key in DISTANCE:
         if key in real:
             out[key] = metrics.correlation_distance(real[key].to(d), fake[key].to(d))
@@ -153,17 +154,15 @@ def _with_notes(lines: list[str], notes: list[str]) -> str:
     return "\n".join(lines + [""] + [f"- {n}" for n in notes]) + "\n"
 
 
-def score_multilabel(recipe, ckpt: Checkpoint, out_dir: Path) -> dict:
-    """Per-subject multi-label decoding (mAP, ROC AUC, Hamming loss) on the test split by a
-    recipe holding the checkpoint's weights; writes results.json and table.md (one row per
-    subject, then the mean)."""
-    scores = recipe.score(recipe.model, "test")
-    results = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, "subjects": recipe.subjects, **scores, "figures": []}
+def score_multilabel(scores: dict, info: dict, subjects: list[int], per_subject: bool, out_dir: Path) -> dict:
+    """Per-subject multi-label decoding (mAP, ROC AUC, Hamming loss) on the test split, from a
+    recipe's held-out scores; writes results.json and table.md (one row per subject, then the mean)."""
+    results = {**info, "subjects": subjects, **scores, "figures": []}
     lines = ["| Subject | mAP | AUC | Hamming |", "|---|---|---|---|"]
-    rows = [(f"subj{s:02d}", f"/subj{s:02d}") for s in recipe.subjects] if ckpt.cfg.eval.per_subject else []
-    for label, suffix in [*rows, (f"mean of {len(recipe.subjects)}", "")]:
+    rows = [(f"subj{s:02d}", f"/subj{s:02d}") for s in subjects] if per_subject else []
+    for label, suffix in [*rows, (f"mean of {len(subjects)}", "")]:
         lines.append(f"| {label} | " + " | ".join(f"{scores[k + suffix]:.4f}" for k in ("map", "auc", "hamming")) + " |")
-    notes = [f"checkpoint {ckpt.source}, test split, repeat-averaged voxels",
+    notes = [f"checkpoint {info['checkpoint']}, test split, repeat-averaged voxels",
              "mAP: mean over the classes with a positive in a subject's test set, AUC: over the classes with both labels "
              "(CLIP-MUSED's code counts the others as AP 0 and AUC 1.0); Hamming loss: positive at prob >= 0.5"]
     return _write_report(out_dir, results, lines, notes)
@@ -176,64 +175,53 @@ def _write_report(out_dir: Path, results: dict, lines: list[str], notes: list[st
     return results
 
 
-def score_own(recipe, ckpt: Checkpoint, out_dir: Path) -> dict:
-    """The test scores a recipe defines for itself (e.g. masked reconstruction of held-out
-    subjects); writes results.json and table.md (one row per score)."""
-    scores = recipe.score(recipe.model, "test")
-    results = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, **scores, "figures": []}
-    lines = ["| Score | Value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
-                                                  for k, v in scores.items()]
-    return _write_report(out_dir, results, lines, [f"checkpoint {ckpt.source}, test split"])
+def scores_table(scores: dict) -> list[str]:
+    """A recipe's own scores as a markdown table, one row per score."""
+    return ["| Score | Value |", "|---|---|"] + [f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                                                 for k, v in scores.items()]
 
 
-def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, opts: ImageMetricOptions,
-                     n_figure: int = 6) -> dict:
-    """Retrieval (and, with reconstructions, every image metric) on the checkpoint's test split.
-
-    Writes results.json, table.md, retrievals.png and reconstructions.png into `out_dir`.
+def score_checkpoint(recipe, capabilities: set[str], info: dict, out_dir: Path, recons_path: Path | None,
+                     opts: ImageMetricOptions, n_figure: int = 6) -> dict:
+    """The report of a recipe holding a checkpoint's weights, by what it declares
+    (train/recipe.py; `capabilities` are their names): its own held-out scores ("scores"),
+    per subject for a label decoder ("labels"); the retrieval figure ("embeddings"); and,
+    with reconstructions of a generating recipe ("generation"), every image metric.
+    `info` holds "checkpoint" and "recipe". Writes results.json, table.md and the figures
+    into `out_dir`.
     """
-    module = __import__(f"train.recipes.{ckpt.cfg.recipe}", fromlist=["Recipe"])
-    labels = hasattr(module.Recipe, "predict_labels")
-    embeds = hasattr(module.Recipe, "embeddings")
-    generates = not labels and not embeds and hasattr(module.Recipe, "generate")  # images only (fmri_ldm)
-    own = not (labels or embeds or generates) and hasattr(module.Recipe, "score")  # its own scores only (mbm)
-    if (labels or own) and recons_path is not None:
-        raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} does not decode images; drop --recons")
-    if generates and recons_path is None:
-        raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} predicts no embeddings, only images; pass --recons "
-                          "(the folder `python -m train.reconstruct` wrote)")
+    name = info["recipe"]
+    if recons_path is not None and "generation" not in capabilities:
+        raise ConfigError(f"--recons: recipe {name!r} does not generate images (declares no 'generation'); drop --recons")
     extractors = load_extractors(opts) if recons_path is not None else {}  # missing weights fail before any work
-    if not (labels or embeds or generates or own):
-        raise ConfigError(f"{ckpt.source}: recipe {ckpt.cfg.recipe!r} predicts no embeddings to score; score the "
-                          "reconstructions it feeds through the MindEye checkpoint")
-    if generates:  # the images alone are scored: no model is needed, only the test stimuli
-        recipe = SubjectData(ckpt.cfg)
-    else:
-        recipe = module.Recipe(ckpt.cfg, 0, 1, opts.device, train=False)
-        ckpt.load_into(recipe.model)
-        recipe.model.to(opts.device).eval()
-    if labels:
-        return score_multilabel(recipe, ckpt, out_dir)
-    if own:
-        return score_own(recipe, ckpt, out_dir)
-    subject = ckpt.cfg.data.subject
-    ids, truth = split_images(recipe.root, recipe.manifest, subject, "test", opts.resize)
-    results: dict = {"checkpoint": ckpt.source, "recipe": ckpt.cfg.recipe, "subject": subject, "n_test": len(ids)}
-    notes = [f"checkpoint {ckpt.source}, subject {subject}, {len(ids)} test images"]
+    model = recipe.model
+    scores = recipe.score(model, "test") if "scores" in capabilities else {}
+    if "labels" in capabilities:
+        return score_multilabel(scores, info, recipe.subjects, recipe.cfg.eval.per_subject, out_dir)
+    if "embeddings" not in capabilities and recons_path is None:
+        notes = [f"checkpoint {info['checkpoint']}, test split"]
+        if "generation" in capabilities:
+            notes.append(f"recipe {name!r} generates images: `python -m train.reconstruct` writes them, "
+                         "`--recons` scores them with the image metrics")
+        return _write_report(out_dir, {**info, **scores, "figures": []}, scores_table(scores), notes)
+
+    data, subject = recipe.data, recipe.data.subject
+    ids, truth = split_images(data.root, data.manifest, subject, "test", opts.resize)
+    results: dict = {**info, "subject": subject, "n_test": len(ids), **scores}
+    notes = [f"checkpoint {info['checkpoint']}, subject {subject}, {len(ids)} test images"]
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = []
-
-    if generates:
-        notes.append(f"recipe {ckpt.cfg.recipe!r} generates images and predicts no embeddings: no retrieval")
-    else:
-        pairs = recipe.embeddings(recipe.model, "test")
+    if "embeddings" in capabilities:
+        pairs = recipe.embeddings(model, "test")
         if pairs["image_ids"].tolist() != ids:
-            raise DataError(f"{recipe.root}: test embeddings and test images disagree on sample order")
-        results.update(recipe.score(pairs))
-        notes.append(f"retrieval: top-1 over {results['n_way']} random test samples, mean of {results['n_trials']} draws; "
-                     "image retrieval = forward (brain -> image), brain retrieval = backward")
-        top = metrics.top_k_indices(pairs["brain"], pairs["image"], 5)
+            raise DataError(f"{data.root}: test embeddings and test images disagree on sample order")
+        if "n_way" in scores:
+            notes.append(f"retrieval: top-1 over {scores['n_way']} random test samples, mean of {scores['n_trials']} "
+                         "draws; image retrieval = forward (brain -> image), brain retrieval = backward")
+        top = scores_lib.top_k_indices(pairs["brain"], pairs["image"], 5)
         figures.append(retrievals_figure(truth, top, ids, out_dir / "retrievals.png", list(range(min(n_figure, len(ids))))))
+    else:
+        notes.append(f"recipe {name!r} predicts no embeddings: no retrieval")
 
     if recons_path is not None:
         recons = load_reconstructions(recons_path, ids, opts.resize)
@@ -248,7 +236,11 @@ def score_checkpoint(ckpt: Checkpoint, out_dir: Path, recons_path: Path | None, 
             notes.append(f"RANDOM feature-extractor weights ({', '.join(random)}): those columns are not comparable")
         if "fid" in results:
             notes.append(f"FID (InceptionV3 avgpool) {results['fid']:.2f}")
+    own = {k: v for k, v in scores.items() if k not in _KEYS}
+    if own:
+        notes.append("the recipe's own test scores: " + ", ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in own.items()))
     results["figures"] = [str(f) for f in figures]
     atomic_write_text(out_dir / "results.json", json.dumps(results, indent=1))
-    atomic_write_text(out_dir / "table.md", markdown_table(results, Path(ckpt.source).name, notes))
+    atomic_write_text(out_dir / "table.md", markdown_table(results, Path(info["checkpoint"]).name, notes))
     return results

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import submitit
 
+from models.errors import InputError
+
 
 def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """A launcher's own arguments, and those after `--` that it passes on."""
@@ -33,7 +35,7 @@ def wait(named_jobs: list[tuple[str, submitit.Job]]) -> list[int]:
     return codes
 
 
-class ResourceError(ValueError):
+class ResourceError(InputError):
     """A resource request that cannot be satisfied; the message names the option."""
 
 

@@ -17,6 +17,7 @@ import sys
 
 import submitit
 
+from data.cli import run_cli
 from data.convert import __main__ as convert
 from launchers import cluster
 
@@ -42,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(ours)
     try:  # check the converter's own arguments and the resources before anything is submitted
         parsed = convert.parser()[0].parse_args([args.dataset, *theirs, "--subject", str(args.subjects[0])])
-        cluster.resolve(args)
     except SystemExit as e:
         return int(e.code or 2)
-    except cluster.ResourceError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    def check_resources() -> None:
+        cluster.resolve(args)
+
+    code = run_cli(check_resources, report=True)
+    if code:
+        return code
     if "--workers" not in theirs:
         theirs = [*theirs, "--workers", str(args.cpus_per_task)]
     folder = args.logs or parsed.out / ".convert" / "logs"

@@ -28,16 +28,17 @@ from pathlib import Path
 
 import yaml
 
+from data.cli import run_cli
 from data.files import atomic_write_text
 from launchers import cluster, summary
 from launchers.train_job import TrainJob, resume_flags, run_dir_of
-from train import config, distributed, engine
-from train.closed_form import ClosedFormConfig
+from models.errors import InputError
+from train import config, distributed, engine, registry
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-class SweepError(ValueError):
+class SweepError(InputError):
     """Bad sweep input; the message names the option, file or key."""
 
 
@@ -101,8 +102,7 @@ def plan(args: argparse.Namespace, overrides: list[str]) -> tuple[Path, list[dic
         name = run_name(point)
         run_overrides = [*overrides, *(f"{k}={v}" for k, v in point.items()), f"run_dir={folder / name}"]
         cfg = config.load(path, run_overrides)  # ConfigError names an unknown key or a bad value
-        module = __import__(f"train.recipes.{cfg.recipe}", fromlist=["Config"])
-        if not issubclass(module.Config, ClosedFormConfig):
+        if registry.training_kind(registry.get(cfg.recipe)) == "trained":
             engine.deepspeed_config(ds_config, cfg, world)  # batch size vs ranks, DeepSpeed JSON
         runs.append({"name": name, "point": point,
                      "argv": ["--config", str(path), "--ds_config", str(ds_config), *run_overrides]})
@@ -161,15 +161,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     ours, overrides = cluster.split_argv(argv)
     args = parser().parse_args(ours)
-    try:
-        cluster.resolve(args)
-        folder, runs = plan(args, overrides)
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / "runs.json", json.dumps([{"name": r["name"], "point": r["point"]} for r in runs], indent=1))
-        codes = run_locally(args, runs) if args.cluster == "local" else submit(args, folder, runs)
-    except (SweepError, cluster.ResourceError, config.ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_cli(lambda: sweep(args, overrides), report=True)
+
+
+def sweep(args: argparse.Namespace, overrides: list[str]) -> int:
+    cluster.resolve(args)
+    folder, runs = plan(args, overrides)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "runs.json", json.dumps([{"name": r["name"], "point": r["point"]} for r in runs], indent=1))
+    codes = run_locally(args, runs) if args.cluster == "local" else submit(args, folder, runs)
     if codes is None:
         return 0
     print(summary.write(folder), flush=True)

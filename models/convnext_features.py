@@ -4,18 +4,17 @@ The map after stage `stage` (1-4; stage 2 has stride 8) is average-pooled to the
 s x s grid and returned as per-position features [B, s * s, C]. Architectures are built
 with torchvision's ConvNeXt: "convnext_large", "convnext_xlarge" (dims 256-2048, as
 MindEye 1 used), or "tiny" sizes from the config (tests, embedded default, random weights).
-Real runs load a torchvision-layout state dict from a local file (`teacher.weights`).
+Real runs load a torchvision-layout state dict, which data/pretrained_weights.py reads from
+a local file (`teacher.weights`).
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
-from data.files import load_tensors
+from models.strict_load import StateMismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,9 +46,11 @@ class ConvNeXtFeatures(nn.Module):
         return F.adaptive_avg_pool2d(x, self.grid).flatten(2).transpose(1, 2)
 
 
-def build_convnext_features(arch: str, weights: str, stage: int, image_size: int, grid: int, seed: int = 0,
+def build_convnext_features(arch: str, state: dict | None, stage: int, image_size: int, grid: int, seed: int = 0,
                             tiny: dict | None = None) -> ConvNeXtFeatures:
-    """`weights` is a local torchvision-layout state dict, or "random" (tests, embedded default)."""
+    """`state` is a torchvision-layout state dict (its `features.*` entries are loaded), or None
+    for random weights from `seed` (tests, embedded default). A state that does not fit `arch`
+    raises StateMismatch."""
     if arch == "tiny":
         if not tiny:
             raise ValueError("teacher.arch=tiny needs teacher.tiny sizes (dims, depths)")
@@ -63,15 +64,10 @@ def build_convnext_features(arch: str, weights: str, stage: int, image_size: int
         net = _convnext(dims, depths)
     if not 1 <= stage <= len(dims):
         raise ValueError(f"teacher.stage: {stage}, expected 1..{len(dims)}")
-    if weights != "random":
-        path = Path(weights).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: ConvNeXt weights not found (set teacher.weights to a local "
-                                    f"torchvision-layout {arch} state dict)")
-        state = load_tensors(path, FileNotFoundError, "unreadable ConvNeXt weights")
+    if state is not None:
         kept = {k: v for k, v in state.items() if k.startswith("features.")}
         missing = [k for k in net.features.state_dict() if f"features.{k}" not in kept]
         if missing:
-            raise ValueError(f"{path}: not a torchvision {arch} state dict (missing features.{missing[0]})")
+            raise StateMismatch(f"not a torchvision {arch} state dict (missing features.{missing[0]})")
         net.features.load_state_dict({k.removeprefix("features."): v for k, v in kept.items()})
     return ConvNeXtFeatures(net, stage, dims[stage - 1], image_size, grid)

@@ -11,24 +11,22 @@ Trained (`set_trainable`): the fMRI encoder, the mapping, the class (time) embed
 every transformer block of the UNet the cross-attention `attn2` and its norm `norm2`. The
 VAE is not part of the module: latents are cached by the recipe and decoded at sampling.
 
-Plain modules and loaders; the training loop lives in train/recipes/fmri_ldm.py.
+Plain modules and samplers; data/diffusers_weights.py reads a pretrained LDM folder, and the
+training loop lives in train/recipes/fmri_ldm.py.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
-    DDPMScheduler,
     PNDMScheduler,
     UNet2DConditionModel,
 )
 from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
-from models.image_variation import SD_SCHEDULE, GenerationWeightsMissing, decode_latents
+from models.image_variation import decode_latents
 from models.mbm import MaskedBrainModel, fit_voxels, voxel_fit
 
 N_CONTEXT = 77  # context tokens, as the text encoders the LDM UNets were built for
@@ -102,24 +100,11 @@ def set_trainable(model: FMRILDM) -> None:
             block.norm2.requires_grad_(True)
 
 
-# ---------------------------------------------------------------------------- loading
+# ---------------------------------------------------------------------------- building and sampling
 
 
-def _hint(flag: str) -> str:
-    return f"(set {flag} to a local diffusers latent-diffusion folder with unet/, vae/ and scheduler/, or 'random')"
-
-
-def check_folder(path: str, flag: str) -> None:
-    """Every part a pretrained LDM folder needs, before any work."""
-    root = Path(path)
-    if not root.is_dir():
-        raise GenerationWeightsMissing(f"{path}: no such folder {_hint(flag)}")
-    for needed in ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json"):
-        if not (root / needed).is_file():
-            raise GenerationWeightsMissing(f"{path}: no {needed} {_hint(flag)}")
-
-
-def _class_embedding(context_dim: int) -> dict:
+def class_embedding(context_dim: int) -> dict:
+    """The UNet config entries of the pooled-context time-embedding conditioning."""
     return {"class_embed_type": "projection", "projection_class_embeddings_input_dim": context_dim}
 
 
@@ -131,46 +116,7 @@ def tiny_unet(context_dim: int, sample_size: int = 8, in_channels: int = 4, seed
             sample_size=sample_size, in_channels=in_channels, out_channels=in_channels, layers_per_block=1,
             block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=context_dim, attention_head_dim=8,
-            norm_num_groups=8, **_class_embedding(context_dim))
-
-
-def load_unet(path: str, flag: str, context_dim: int, weights: bool = True) -> UNet2DConditionModel:
-    """The UNet of a local diffusers folder with a new projection class embedding; every other
-    weight must load. `weights=False` builds it from its config only (the caller loads a
-    fine-tuned state)."""
-    config = UNet2DConditionModel.load_config(Path(path) / "unet")
-    if config.get("cross_attention_dim") != context_dim:
-        raise ValueError(f"{path}/unet: cross_attention_dim is {config.get('cross_attention_dim')}, but "
-                         f"ldm.context_dim is {context_dim}; set ldm.context_dim to the UNet's")
-    if config.get("class_embed_type") is not None:
-        raise ValueError(f"{path}/unet: already has a class embedding ({config['class_embed_type']}); "
-                         "expected an unconditional-time UNet")
-    if not weights:
-        return UNet2DConditionModel.from_config(config, **_class_embedding(context_dim))
-    try:
-        unet, info = UNet2DConditionModel.from_pretrained(
-            Path(path), subfolder="unet", local_files_only=True, low_cpu_mem_usage=False, output_loading_info=True,
-            **_class_embedding(context_dim))
-    except OSError as e:  # diffusers' "no file named ..." for absent weight files
-        raise GenerationWeightsMissing(f"{path}: {str(e).splitlines()[0]} {_hint(flag)}") from None
-    missing = sorted(info["missing_keys"])
-    expected = sorted(k for k in unet.state_dict() if k.startswith("class_embedding."))
-    others = [k for k in missing if k not in expected] + sorted(info["unexpected_keys"]) + \
-        [str(m[0]) for m in info.get("mismatched_keys", [])]
-    if missing != expected or others:
-        raise ValueError(f"{path}/unet: weights do not match the UNet beyond the new class embedding "
-                         f"({len(others)} other keys missing, unexpected or mismatched, e.g. {others[:3]})")
-    return unet
-
-
-def noise_schedule(path: str) -> dict:
-    """The training noise schedule: the folder's scheduler config, or Stable Diffusion's for 'random'."""
-    if path == "random":
-        return dict(SD_SCHEDULE)
-    config = dict(DDPMScheduler.load_config(Path(path) / "scheduler"))
-    if config.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"{path}/scheduler: prediction_type {config['prediction_type']!r}; only epsilon is supported")
-    return config
+            norm_num_groups=8, **class_embedding(context_dim))
 
 
 def sampler(name: str, schedule: dict):

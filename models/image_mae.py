@@ -7,8 +7,9 @@ with an all-zero class-token row; LayerNorm eps 1e-6. Inputs are images normalis
 ImageNet mean and std; the targets are the normalised pixels of each patch in MAE's order
 (row, column, channel within a patch), so an official checkpoint's decoder_pred fits.
 
-`load_image_mae` reads a local official MAE checkpoint (the facebookresearch `.pth`, a
-"model" dict in timm layout, with the decoder: e.g. mae_visualize_vit_base.pth) by a key map:
+`build_image_mae` loads the state dict of an official MAE checkpoint (the facebookresearch
+`.pth`, a "model" dict in timm layout, with the decoder: e.g. mae_visualize_vit_base.pth,
+read by data/pretrained_weights.py) by a key map:
 
     patch_embed.proj.*           -> patch_embed.*
     blocks.N.norm1 / norm2       -> blocks.N.norm1 / norm2
@@ -22,14 +23,13 @@ ImageNet mean and std; the targets are the normalised pixels of each patch in MA
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 import torch
 from torch import nn
 
-from data.files import load_tensors
 from models.mae import MaskedAutoencoder
 from models.mbm import sincos_positions
+from models.strict_load import StateMismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,40 +105,32 @@ def from_official_mae(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.T
     return ours, tables
 
 
-def build_image_mae(weights: str, flag: str, seed: int = 0, **arch) -> ImageMAE:
-    """`weights`: a local official MAE checkpoint with its decoder, or "random" (an
-    initialisation from `seed`); `arch`: ImageMAE's arguments, which must match the file.
-    `flag` is the config key that gave `weights`, named in errors."""
+def build_image_mae(state: dict[str, torch.Tensor] | None, seed: int = 0, **arch) -> ImageMAE:
+    """`state`: an official MAE state dict with its decoder (the checkpoint's "model" dict), or
+    None for an initialisation from `seed`; `arch`: ImageMAE's arguments, which must match the
+    state. A state that does not fit raises StateMismatch."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = ImageMAE(**arch)
-    if weights == "random":
+    if state is None:
         return model
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: image MAE weights not found (set {flag} to a local official MAE .pth "
-                                "with its decoder, e.g. mae_visualize_vit_base.pth, or 'random')")
-    obj = load_tensors(path, FileNotFoundError, f"unreadable image MAE weights (set {flag})")
-    state = obj.get("model", obj) if isinstance(obj, dict) else obj
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path}: not an MAE checkpoint (no 'model' dict of tensors; set {flag})")
     try:
         ours, tables = from_official_mae(state)
     except KeyError as e:
-        raise ValueError(f"{path}: not an official MAE checkpoint ({e.args[0]}; set {flag})") from None
+        raise StateMismatch(f"not an official MAE checkpoint ({e.args[0]})") from None
     expected = model.state_dict()
     missing = [k for k in expected if k not in ours]
     if missing:
         what = "has no decoder: phase 2 needs the full MAE with its decoder" if missing[0].startswith("decoder") \
             else "is not an official MAE checkpoint"
-        raise ValueError(f"{path}: {what} (no weights for {missing[0]}; set {flag})")
+        raise StateMismatch(f"{what} (no weights for {missing[0]})")
     for k, v in ours.items():
         if k not in expected or v.shape != expected[k].shape:
-            raise ValueError(f"{path}: {k} has shape {tuple(v.shape)}, but image_mae's sizes give "
-                             f"{tuple(expected[k].shape) if k in expected else 'no such weight'} (set {flag})")
+            raise StateMismatch(f"{k} has shape {tuple(v.shape)}, but image_mae's sizes give "
+                                f"{tuple(expected[k].shape) if k in expected else 'no such weight'}")
     for name, table in tables.items():
         ref = getattr(model, name)
         if table.shape != ref.shape or not torch.allclose(table.float(), ref, atol=1e-4):
-            raise ValueError(f"{path}: {name} is not MAE's fixed 2-D sin-cos table for these sizes (set {flag})")
+            raise StateMismatch(f"{name} is not MAE's fixed 2-D sin-cos table for these sizes")
     model.load_state_dict(ours)
     return model

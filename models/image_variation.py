@@ -8,13 +8,11 @@ noise, so that layout and colour come from the blurry reconstruction and semanti
 tokens. Several samples are drawn per brain embedding; picking the best of them (MindEye 1
 ranks them by CLIP similarity to the predicted embedding) is the caller's job.
 
-`load_image_variation` reads local diffusers folders only; `path="random"` gives a tiny,
-randomly initialised pipeline for tests and the simulated dataset, which have no
-pretrained generator.
+data/diffusers_weights.py reads the pipeline from a local diffusers folder; here,
+`tiny_image_variation` gives a tiny, randomly initialised one for tests and the simulated
+dataset, which have no pretrained generator.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import torch
 from diffusers import (
@@ -25,13 +23,11 @@ from diffusers import (
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from models.stimuli import resize_stimuli
+
 # Stable Diffusion's noise schedule, which Versatile Diffusion shares.
 SD_SCHEDULE = {"num_train_timesteps": 1000, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
                "beta_end": 0.012, "prediction_type": "epsilon"}
-
-
-class GenerationWeightsMissing(FileNotFoundError):
-    """The generator's weights folder (or a part of it) is not there."""
 
 
 @torch.no_grad()
@@ -46,6 +42,11 @@ def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
     """Images [N, 3, H, W] in [0, 1] -> scaled VAE latents (posterior mean, so deterministic)."""
     images = images.to(vae.device, vae.dtype) * 2 - 1
     return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+
+
+def stimulus_latents(vae: AutoencoderKL, size: int, images: torch.Tensor) -> torch.Tensor:
+    """uint8 stimuli [B, H, W, 3] -> scaled VAE latents (posterior mean) of the images at `size` px."""
+    return encode_images(vae, resize_stimuli(images, size))
 
 
 class BrainImageVariation(DiffusionPipeline):
@@ -151,53 +152,3 @@ def tiny_image_variation(cross_attention_dim: int, sample_size: int = 16, seed: 
             cross_attention_dim=cross_attention_dim, attention_head_dim=8, norm_num_groups=8)
     return BrainImageVariation(unet.eval(), tiny_vae(sample_size, seed), UniPCMultistepScheduler(**SD_SCHEDULE))
 
-
-def _hint(flag: str) -> str:
-    return f"(set {flag} to a local Versatile Diffusion or Stable Diffusion folder, or 'random')"
-
-
-def _from_folder(cls, path: str, subfolder: str, flag: str):
-    try:
-        return cls.from_pretrained(Path(path), subfolder=subfolder, local_files_only=True)
-    except OSError as e:  # diffusers' "no file named ..." for absent weight files
-        raise GenerationWeightsMissing(f"{path}: {str(e).splitlines()[0]} {_hint(flag)}") from e
-
-
-def load_vae(path: str, flag: str = "vae.weights", seed: int = 0, sample_size: int = 16) -> AutoencoderKL:
-    """The VAE of a local diffusers folder (its vae/ subfolder), or "random" (`tiny_vae`)."""
-    if path == "random":
-        return tiny_vae(sample_size, seed)
-    if not (Path(path) / "vae" / "config.json").is_file():
-        raise GenerationWeightsMissing(f"{path}: no vae/config.json {_hint(flag)}")
-    return _from_folder(AutoencoderKL, path, "vae", flag).eval()
-
-
-def load_image_variation(path: str, flag: str = "generation.weights", cross_attention_dim: int | None = None,
-                         seed: int = 0, sample_size: int = 16) -> BrainImageVariation:
-    """A local Versatile Diffusion (image_unet/) or Stable Diffusion (unet/) folder, or "random".
-
-    `flag` is the config key that set `path`, named in errors. The scheduler is UniPC on the
-    folder's noise schedule, as MindEye 1 used with Versatile Diffusion.
-    """
-    if path == "random":
-        if cross_attention_dim is None:
-            raise ValueError(f"{flag}=random needs cross_attention_dim (the CLIP token width)")
-        return tiny_image_variation(cross_attention_dim, sample_size, seed)
-
-    hint = _hint(flag)
-    root = Path(path)
-    if not root.is_dir():
-        raise GenerationWeightsMissing(f"{path}: no diffusers folder here {hint}")
-    unet_dir = next((d for d in ("image_unet", "unet") if (root / d / "config.json").is_file()), None)
-    if unet_dir is None:
-        raise GenerationWeightsMissing(f"{path}: neither image_unet/config.json nor unet/config.json {hint}")
-    for needed in ("vae/config.json", "scheduler/scheduler_config.json"):
-        if not (root / needed).is_file():
-            raise GenerationWeightsMissing(f"{path}: no {needed} {hint}")
-    unet = _from_folder(UNet2DConditionModel, path, unet_dir, flag)
-    vae = load_vae(path, flag)
-    scheduler = UniPCMultistepScheduler.from_pretrained(root, subfolder="scheduler", local_files_only=True)
-    if cross_attention_dim is not None and cross_attention_dim != unet.config.cross_attention_dim:
-        raise ValueError(f"{path}: the UNet's cross_attention_dim is {unet.config.cross_attention_dim}, "
-                         f"but the predicted CLIP tokens have width {cross_attention_dim}")
-    return BrainImageVariation(unet, vae, scheduler)

@@ -2,14 +2,13 @@
 the CLIP text encoder whose caption embeddings the other predicts, and diffusers'
 StableDiffusionImg2ImgPipeline that turns both predictions into images.
 
-`load_stable_diffusion` reads a local diffusers folder (Stable Diffusion v1.4: unet/, vae/,
-text_encoder/, tokenizer/, scheduler/) and samples with DDIM on the folder's noise schedule;
-"random" gives a tiny randomly initialised pipeline (byte-level tokenizer, 2-layer text
-encoder, 64 px images) for tests and the simulated dataset.
+data/diffusers_weights.py reads a local diffusers folder (Stable Diffusion v1.4: unet/, vae/,
+text_encoder/, tokenizer/, scheduler/) into `img2img_pipeline`, which samples with DDIM on
+the folder's noise schedule; `tiny_stable_diffusion` gives a tiny randomly initialised
+pipeline (byte-level tokenizer, 2-layer text encoder, 64 px images) for tests and the
+simulated dataset.
 """
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,18 +21,15 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from data.targets import resize_stimuli
 from models.image_variation import (
     SD_SCHEDULE,
-    GenerationWeightsMissing,
     decode_latents,
-    encode_images,
+    stimulus_latents,
     tiny_vae,
 )
 
 # Stable Diffusion v1's DDIM settings.
 SD_DDIM = {**SD_SCHEDULE, "clip_sample": False, "set_alpha_to_one": False, "steps_offset": 1}
-FOLDER_PARTS = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
@@ -57,37 +53,16 @@ def tiny_stable_diffusion(seed: int = 0, sample_size: int = 16, text_width: int 
             sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
             cross_attention_dim=text_width, attention_head_dim=8, norm_num_groups=8)
-    return _pipeline(tiny_vae(sample_size, seed), text.eval(), tokenizer, unet.eval(), DDIMScheduler(**SD_DDIM))
+    return img2img_pipeline(tiny_vae(sample_size, seed), text.eval(), tokenizer, unet.eval(), DDIMScheduler(**SD_DDIM))
 
 
-def _pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionImg2ImgPipeline:
+def img2img_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionImg2ImgPipeline:
+    """diffusers' img2img pipeline over these parts, without a safety checker or progress bar."""
     pipe = StableDiffusionImg2ImgPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
-
-
-def load_stable_diffusion(path: str, flag: str = "sd.weights", seed: int = 0,
-                          sample_size: int = 16) -> StableDiffusionImg2ImgPipeline:
-    """A local Stable Diffusion diffusers folder, or "random" (`tiny_stable_diffusion`);
-    `flag` is the config key that set `path`, named in errors."""
-    if path == "random":
-        return tiny_stable_diffusion(seed, sample_size)
-    hint = f"(set {flag} to a local Stable Diffusion v1.4 diffusers folder, or 'random')"
-    root = Path(path)
-    for part in FOLDER_PARTS:
-        if not (root / part).is_file():
-            raise GenerationWeightsMissing(f"{root / part}: not found {hint}")
-    if not any((root / "tokenizer" / f).is_file() for f in ("vocab.json", "tokenizer.json")):
-        raise GenerationWeightsMissing(f"{root / 'tokenizer'}: no vocab.json or tokenizer.json {hint}")
-    try:
-        pipe = StableDiffusionImg2ImgPipeline.from_pretrained(root, local_files_only=True, safety_checker=None,
-                                                              feature_extractor=None, requires_safety_checker=False)
-    except OSError as e:  # diffusers' and transformers' "no file named ..." for absent weight files
-        raise GenerationWeightsMissing(f"{path}: {str(e).splitlines()[0]} {hint}") from e
-    return _pipeline(pipe.vae.eval(), pipe.text_encoder.eval(), pipe.tokenizer, pipe.unet.eval(),
-                     DDIMScheduler.from_config(pipe.scheduler.config))
 
 
 @torch.no_grad()
@@ -107,7 +82,7 @@ def caption_embeddings(pipe: StableDiffusionImg2ImgPipeline, captions: list[list
 
 def vae_latents(pipe: StableDiffusionImg2ImgPipeline, images: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 images [B, H, W, 3] -> scaled VAE latents (posterior mean) of the images at `size` px."""
-    return encode_images(pipe.vae, resize_stimuli(images, size)).float()
+    return stimulus_latents(pipe.vae, size, images).float()
 
 
 @torch.no_grad()

@@ -5,10 +5,15 @@ import torch
 from torch import nn
 
 
+class StateMismatch(ValueError):
+    """A state dict that does not fit the model; the message says where, and whoever read the
+    weights names their file."""
+
+
 def load_strict(module: nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> None:
     """Load the entries of `state` under `prefix` into `module`, strictly.
 
-    A missing, unexpected or misshapen entry raises ValueError naming the first one (e.g. the
+    A missing, unexpected or misshapen entry raises StateMismatch naming the first one (e.g. the
     weights of another architecture or config, or an image-only file where a text tower is
     needed).
     """
@@ -20,10 +25,10 @@ def load_strict(module: nn.Module, state: dict[str, torch.Tensor], prefix: str =
     more = lambda names: f" and {len(names) - 1} more" if len(names) > 1 else ""  # noqa: E731
     if misshapen:
         k = misshapen[0]
-        raise ValueError(f"{prefix}{k} is {list(given[k].shape)} in the weights, {list(own[k].shape)} in the model"
-                         f"{more(misshapen)}")
+        raise StateMismatch(f"{prefix}{k} is {list(given[k].shape)} in the weights, {list(own[k].shape)} in the model"
+                            f"{more(misshapen)}")
     if missing:
-        raise ValueError(f"the weights lack {prefix}{missing[0]}{more(missing)}")
+        raise StateMismatch(f"the weights lack {prefix}{missing[0]}{more(missing)}")
     if unexpected:
-        raise ValueError(f"the weights hold {prefix}{unexpected[0]}{more(unexpected)}, which the model has not")
+        raise StateMismatch(f"the weights hold {prefix}{unexpected[0]}{more(unexpected)}, which the model has not")
     module.load_state_dict(given)

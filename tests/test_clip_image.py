@@ -5,6 +5,7 @@ import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 
 from data.clip_weights import config_weights, read_clip_weights
+from data.pretrained_weights import WeightsMissing
 from models.clip_image import CLIP_MEAN, CLIP_STD, build_clip_image, clip_preprocess
 from train.config import ConfigError
 
@@ -58,7 +59,7 @@ def test_open_clip_weights_file_loads_the_named_architecture(tmp_path):
 
 
 def test_bad_settings_name_the_file_and_the_key(tmp_path):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(WeightsMissing) as e:
         config_weights(str(tmp_path / "nope.bin"), "auto", ConfigError)
     assert "nope.bin" in str(e.value) and "clip.weights" in str(e.value)
     with pytest.raises(ConfigError, match="clip.weights is not set"):

@@ -1,16 +1,22 @@
 """The GOD, BOLD5000, HCP resting-state and HCP movie converters on tiny files written in each
 dataset's published format (the HCP movie: the layout its converter documents): voxels read
 back z-scored, splits, image ids, repeats, ROIs, one-line errors naming the file for bad
-inputs, byte-identical resume after a kill, and recipes trained on converted folders."""
+inputs (string voxels included; integer ones are z-scored), byte-identical resume after a kill
+(also when the rerun names the folders by absolute paths), a folder of another dataset refused
+before anything is written, a full disk reported as one line naming the path, and recipes
+trained on converted folders."""
 from __future__ import annotations
 
+import errno
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from data.convert import output
 from data.convert.__main__ import main
 from data.shards import MANIFEST, ShardWriter, decode_image, load_manifest, sha256
 from data.splits import iter_split, load_split
@@ -59,6 +65,10 @@ def damage(path: Path, change) -> None:
         path.write_text(change(path.read_text()))
 
 
+def as_strings(a: np.ndarray) -> np.ndarray:
+    return a.astype(str)
+
+
 def with_nan(a: np.ndarray) -> np.ndarray:
     a = a.astype(np.float64)
     a.flat[len(a.flat) // 2] = np.nan
@@ -67,12 +77,12 @@ def with_nan(a: np.ndarray) -> np.ndarray:
 
 def assert_rejected(capsys, dataset: str, root: Path, subject, out: Path, names: list[str], *options: str) -> None:
     """The conversion fails with exit code 2 and a one-line error containing every one of
-    `names` (the file, and the key or option), and the subject is not in the folder."""
+    `names` (the file, and the key or option), and leaves nothing behind (not even scratch)."""
     capsys.readouterr()
     assert convert(dataset, root, subject, out, *options) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err and all(n in err for n in names), err
-    assert not (out / MANIFEST).exists()
+    assert not out.exists()
 
 
 # GOD ---------------------------------------------------------------------------------------
@@ -141,6 +151,7 @@ GOD_BAD = {  # file, change, what the error names besides the file
     "arr_4 labels the averages": ("sbj_1.npz", {"arr_4": lambda a: np.arange(4)}, "'arr_4'"),
     "no such roi": ("sbj_1.npz", {"VC": None}, "'VC'"),
     "images of another size": ("images_256.npz", {"test_images": lambda a: a[:, :8]}, "'test_images'"),
+    "string voxels": ("sbj_1.npz", {"arr_1": as_strings}, "'arr_1' holds <U"),
 }
 
 
@@ -240,6 +251,8 @@ BOLD_BAD = {  # file, change, what the error names besides the file
     "list shorter than the trials": ("stim_lists/CSI01_stim_lists.txt", lambda t: t.split("\n", 1)[1], "12 trials"),
     "unknown image": ("stim_lists/CSI01_stim_lists.txt", lambda t: "nothere.jpg\n" + t.split("\n", 1)[1], "nothere.jpg"),
     "truncated image": ("Presented_Stimuli/ImageNet/n01440764_10026.JPEG", "truncated", "unreadable image"),
+    "string voxels": (BETAS.format(1, "RHRSC"), as_strings, "holds <U"),
+    "object voxels": (BETAS.format(1, "LHLOC"), lambda a: a.astype(object), "Object arrays"),
 }
 
 
@@ -299,6 +312,7 @@ HCP_REST_BAD = {  # hcp id, change to its file, options, what the error names be
     "TR counts differ": (100307, {"V2": lambda a: a[:-1]}, [], "'V2'"),
     "inf": (100307, {"V4": lambda a: np.where(a > 7, np.inf, a)}, [], "'V4'"),
     "windows too long for the splits": (100307, None, ["--window", "100"], "--window 100"),
+    "string voxels": (100307, {"V1": as_strings}, [], "'V1' holds <U"),
 }
 
 
@@ -388,6 +402,7 @@ HCP_MOVIE_BAD = {  # damaged file (<id>: the subject's folder), change, the file
     "labels not 0 or 1": ("stimuli/MOVIE1.npz", {"labels": lambda a: a * 2.0}, None, "'labels'"),
     "truncated voxels": ("<id>/MOVIE4.npy", "truncated", None, ""),
     "nan voxels": ("<id>/MOVIE1.npy", with_nan, None, "NaN"),
+    "string voxels": ("<id>/MOVIE2.npy", as_strings, None, "holds <U"),
     "a class more than the labels": ("stimuli/classes.txt", lambda t: t + "cat\n", "stimuli/MOVIE1.npz", "'labels'"),
 }
 
@@ -412,6 +427,22 @@ CONVERSIONS = {  # dataset -> (write the inputs of one subject, subject, options
 }
 
 
+def interrupted(monkeypatch, after: int, run) -> None:
+    """`run()` killed (KeyboardInterrupt) as it writes its sample number `after` into a shard."""
+    real_write, written = ShardWriter.write_encoded, []
+
+    def write_then_die(self, key, fields):
+        if len(written) == after:
+            raise KeyboardInterrupt
+        written.append(key)
+        real_write(self, key, fields)
+
+    monkeypatch.setattr(ShardWriter, "write_encoded", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(ShardWriter, "write_encoded", real_write)
+
+
 @pytest.mark.parametrize("dataset", CONVERSIONS)
 def test_a_killed_conversion_resumes_to_byte_identical_shards(dataset, tmp_path, monkeypatch):
     write, subject, options = CONVERSIONS[dataset]
@@ -420,20 +451,9 @@ def test_a_killed_conversion_resumes_to_byte_identical_shards(dataset, tmp_path,
     options = [*options, "--shard-mb", SHARD_MB]
     assert convert(dataset, root, subject, whole, *options) == 0
 
-    real_write, written = ShardWriter.write_encoded, []
-
-    def write_then_die(self, key, fields):
-        if len(written) == 7:
-            raise KeyboardInterrupt
-        written.append(key)
-        real_write(self, key, fields)
-
-    monkeypatch.setattr(ShardWriter, "write_encoded", write_then_die)
-    with pytest.raises(KeyboardInterrupt):
-        convert(dataset, root, subject, resumed, *options)
+    interrupted(monkeypatch, 7, lambda: convert(dataset, root, subject, resumed, *options))
     state = json.loads(next(resumed.glob(".convert/*/state.json")).read_text())
     assert sum(len(shards) for shards in state["splits"].values()) >= 1 and not (resumed / MANIFEST).exists()
-    monkeypatch.setattr(ShardWriter, "write_encoded", real_write)
     assert convert(dataset, root, subject, resumed, *options) == 0
 
     assert (resumed / MANIFEST).read_text() == (whole / MANIFEST).read_text()
@@ -441,6 +461,76 @@ def test_a_killed_conversion_resumes_to_byte_identical_shards(dataset, tmp_path,
     assert len(shards) > 3
     assert all(sha256(resumed / rel) == sha256(whole / rel) == record["sha256"] for rel, record in shards.items())
     assert sorted(p.relative_to(resumed).as_posix() for p in resumed.glob("subj*/*")) == sorted(shards)
+
+
+def test_a_rerun_naming_the_folders_by_absolute_paths_resumes_a_relative_one(tmp_path, monkeypatch):
+    write_hcp_rest(tmp_path / "in", 100307)
+    monkeypatch.chdir(tmp_path)
+    options = ["--shard-mb", SHARD_MB]
+    interrupted(monkeypatch, 7, lambda: convert("hcp-rest", Path("in"), 100307, Path("out"), *options))
+    state = json.loads((tmp_path / "out/.convert/subj100307/state.json").read_text())
+    assert state["args"]["args"]["root"] == str(tmp_path / "in") and state["splits"]
+    assert convert("hcp-rest", tmp_path / "in", 100307, tmp_path / "out", *options) == 0
+    assert load_manifest(tmp_path / "out")["subjects"]["100307"]["converted_with"]["root"] == str(tmp_path / "in")
+
+
+def folder_contents(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_folder_of_another_dataset_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Another subject (written only to fail at the manifest before), and the same subject
+    number (said to be "already converted" before)."""
+    out = tmp_path / "out"
+    write_god(tmp_path / "god", 1)
+    assert convert("god", tmp_path / "god", 1, out, "--val", "3") == 0
+    before = folder_contents(out)
+    write_hcp_rest(tmp_path / "hcp", 100307)
+    write_bold5000(tmp_path / "bold5000", 1)
+    for dataset, root, subject, options in (("hcp-rest", tmp_path / "hcp", 100307, []),
+                                            ("bold5000", tmp_path / "bold5000", 1, ["--val", "2"])):
+        capsys.readouterr()
+        assert convert(dataset, root, subject, out, *options) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"error: {out}: holds dataset 'god' (converter data.convert.god version 1), not {dataset} "
+                       f"(data.convert.{dataset.replace('-', '_')} version 1); convert {dataset} subject {subject} "
+                       "into another folder"), err
+        assert folder_contents(out) == before
+
+
+@pytest.mark.parametrize("where", ["shard", "manifest"])
+def test_a_full_disk_is_one_line_naming_the_path_and_the_rerun_completes(where, tmp_path, monkeypatch, capsys):
+    root, out = tmp_path / "in", tmp_path / "out"
+    write_hcp_rest(root, 100307)
+
+    def full(*args, **kwargs):
+        if where == "shard":  # as a tar's file object raises it: naming no file
+            raise OSError(errno.ENOSPC, "No space left on device")
+        if Path(args[0]).name != MANIFEST:
+            return real(*args, **kwargs)
+        raise OSError(errno.ENOSPC, "No space left on device", str(args[0]))
+
+    if where == "shard":
+        monkeypatch.setattr(tarfile.TarFile, "addfile", full)
+    else:
+        real = output.atomic_write_text
+        monkeypatch.setattr(output, "atomic_write_text", full)
+    assert convert("hcp-rest", root, 100307, out) == 2
+    named = out / ("subj100307/train-*.tar" if where == "shard" else MANIFEST)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {named}: no space left on the device"
+    assert not list(out.rglob(".*.tmp*"))  # no unfinished file left taking space
+    monkeypatch.undo()
+    assert convert("hcp-rest", root, 100307, out) == 0
+    assert split_sizes(load_manifest(out)["subjects"]["100307"]) == {"train": 16, "val": 2, "test": 2}
+
+
+def test_integer_voxels_are_z_scored_like_any_others(tmp_path):
+    root, out = tmp_path / "god", tmp_path / "out"
+    write_god(root, 1)
+    damage(root / "sbj_1.npz", {key: lambda a: np.round(a * 100).astype(np.int16) for key in ("arr_0", "arr_1")})
+    assert convert("god", root, 1, out, "--val", "3") == 0
+    trials, _ = load_split(out, load_manifest(out), 1, "train").trials()
+    assert abs(trials.mean(0)).max() < 0.01 and abs(trials.std(0, unbiased=False) - 1).max() < 0.01
 
 
 def test_recipes_train_on_converted_bold5000_and_hcp_movie(tmp_path, cache):

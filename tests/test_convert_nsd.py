@@ -19,6 +19,7 @@ from data.convert.__main__ import main as convert
 from data.shards import MANIFEST, ShardWriter, decode_image, load_manifest, sha256
 from data.splits import iter_split, load_split
 from tests.conftest import launch
+from tests.test_convert_datasets import write_god
 
 GRID = (6, 7, 5)
 N_IMAGES, SIZE = 600, 16
@@ -217,8 +218,26 @@ def test_resuming_with_other_arguments_is_refused(converted, tmp_path, monkeypat
     assert "other arguments" in err and "state.json" in err
 
 
+def test_god_subjects_are_refused_by_a_folder_of_nsd_before_anything_is_written(converted, tmp_path, capsys):
+    """Subject 1 was "already converted; nothing to do"; subject 2 failed only at the manifest,
+    after writing its shards and leaving scratch that blocked later conversions."""
+    _, out, _ = converted
+    before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+    write_god(tmp_path / "god", 1)
+    write_god(tmp_path / "god", 2)
+    for subject in (1, 2):
+        capsys.readouterr()
+        assert convert(["god", "--root", str(tmp_path / "god"), "--subject", str(subject), "--out", str(out),
+                        "--val", "3"]) == 2
+        captured = capsys.readouterr()
+        assert not captured.out and captured.err == (
+            f"error: {out}: holds dataset 'nsd' (converter data.convert.nsd version 1), not god (data.convert.god "
+            f"version 1); convert god subject {subject} into another folder\n")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+
+
 @pytest.mark.parametrize("case", ["not_nsdgeneral", "voxel_count", "missing_session", "truncated", "nan", "image_range",
-                                  "binarised_mask"])
+                                  "binarised_mask", "string_betas"])
 def test_bad_nsd_inputs_get_one_line_errors_naming_the_file(case, tmp_path, capsys):
     root, out = tmp_path / "nsd", tmp_path / "out"
     options = {"not_nsdgeneral": {"masked_voxels": 60}, "voxel_count": {"masked_voxels": 41},
@@ -232,6 +251,9 @@ def test_bad_nsd_inputs_get_one_line_errors_naming_the_file(case, tmp_path, caps
         (betas / "betas_session01.hdf5").write_bytes(data[: len(data) // 2])
     if case == "binarised_mask":  # a full-size mask made with `!= -1`
         _nifti(root / "nsddata/ppdata/subj01/func1pt8mm/roi/nsdgeneral.nii.gz", np.ones(nsd.GRID, np.int16))
+    if case == "string_betas":  # session 2 (NIfTI) is fine: nothing is read before every session is checked
+        with h5py.File(betas / "betas_session01.hdf5", "w") as f:
+            f["betas"] = np.full((750, 40), b"0.5")
     assert convert(_args(root, out)) == 2
     stderr = capsys.readouterr().err
     err = stderr.strip().splitlines()[-1]  # after any progress bar
@@ -239,9 +261,11 @@ def test_bad_nsd_inputs_get_one_line_errors_naming_the_file(case, tmp_path, caps
     expected = {"not_nsdgeneral": ("betas_session01.hdf5", "!= -1"), "voxel_count": ("betas_session01.hdf5", "41 voxels"),
                 "missing_session": ("betas_session02", "missing"), "truncated": ("betas_session01.hdf5", "truncated"),
                 "nan": ("betas_session01.hdf5", "NaN"), "image_range": ("nsd_expdesign.mat", f"{N_IMAGES} images"),
-                "binarised_mask": ("nsdgeneral.nii.gz", "!= -1")}[case]
+                "binarised_mask": ("nsdgeneral.nii.gz", "!= -1"),
+                "string_betas": ("betas_session01.hdf5: dataset betas holds |S3 values", "numeric")}[case]
     assert all(e in err for e in expected), err
-    assert not (out / MANIFEST).exists() and not list(out.glob("subj01/*.tar"))
+    assert not (out / MANIFEST).exists() and not (out / "subj01").exists()
+    assert not out.exists() or case == "nan"  # no scratch left, but the betas z-scored before the failed session
 
 
 def test_a_recipe_trains_on_converted_nsd(converted, tmp_path, cache):

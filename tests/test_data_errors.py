@@ -1,9 +1,13 @@
 """Bad input gets a one-line error naming the file, and nothing is overwritten."""
+import errno
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from data.cli import describe_os_error
+from data.files import atomic_write_text
 from data.shards import MANIFEST, DataError, Sample, ShardWriter, load_manifest
 from data.splits import load_split
 
@@ -64,3 +68,20 @@ def test_missing_or_foreign_manifest(tmp_path):
     (tmp_path / MANIFEST).write_text("{not json")
     with pytest.raises(DataError, match="not valid JSON"):
         load_manifest(tmp_path)
+
+
+def test_a_full_disk_during_an_atomic_write_names_the_file_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    path = tmp_path / MANIFEST
+    path.write_text("old")
+    real = Path.write_bytes
+
+    def half_then_full(self, data):  # as a real write: part of the data, then an error naming no file
+        real(self, data[: len(data) // 2])
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", half_then_full)
+    with pytest.raises(OSError) as e:
+        atomic_write_text(path, "new contents")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(path)
+    assert describe_os_error(e.value) == f"{path}: no space left on the device"
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == [MANIFEST]

@@ -1,6 +1,6 @@
 import torch
 
-from eval.metrics import retrieval
+from models.scores import retrieval
 from models.diffusion_prior import (
     PriorDiffusion,
     PriorNetwork,

@@ -30,7 +30,7 @@ def test_images(run_dir, cache):
 
     from data.datasets import cache_dir, resolve_dataset
     from data.shards import load_manifest
-    from eval.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint
     from eval.images import split_images
 
     cfg = load_checkpoint(run_dir).cfg
@@ -95,7 +95,7 @@ def test_exact_reconstructions_score_perfectly_from_a_tensor_file(run_dir, env, 
 
 
 def test_a_single_weights_file_scores_like_its_run(run_dir, env, tmp_path):
-    from eval.checkpoint import load_checkpoint
+    from train.checkpoint import load_checkpoint
 
     state = load_checkpoint(run_dir).state
     released = tmp_path / "released.pth"
@@ -172,6 +172,6 @@ def test_python_dash_m_eval_runs(run_dir, cache, tmp_path):
     env = {**os.environ, "FMRIDECODE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
     out = tmp_path / "cli"
     r = subprocess.run([sys.executable, "-m", "eval", "--checkpoint", str(run_dir), "--out", str(out)],
-                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "results.json").is_file() and (out / "retrievals.png").is_file() and "Image retrieval" in r.stdout

@@ -11,21 +11,23 @@ import pytest
 import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
-from eval.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint
+from data.diffusers_weights import load_ldm_unet
+from data.pretrained_weights import WeightsMissing
 from eval.main import main as eval_main
 from models.fmri_ldm import (
     FMRILDM,
     FMRIConditioning,
-    load_unet,
     set_trainable,
     tiny_unet,
 )
+from models.errors import InputError
 from models.image_variation import SD_SCHEDULE, tiny_vae
 from models.mbm import MaskedBrainModel
 from tests.conftest import ROOT, launch
-from train import config, reconstruct
+from train import config, reconstruct, registry
 from train.recipes import fmri_ldm
-from train.recipes.mbm import build_encoder
+from train.components.mbm_encoder import build_encoder
 
 TINY = "train/configs/fmri_ldm_tiny.yaml"
 # Two native-space subjects (300 and 260 voxels), 32 px stimuli -> 4 x 8 x 8 latents.
@@ -48,7 +50,7 @@ def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "ldm"
     result = launch(["--config", TINY, f"run_dir={run}", *SMALL], 1, cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "voxel fit: subject 1 has 300 voxels, the encoder 300: none" in result.stdout
+    assert "voxel fit: subject 1 has 300 voxels, the encoder 300: none" in result.stderr
     return run
 
 
@@ -125,10 +127,10 @@ def _one_line(e: pytest.ExceptionInfo) -> str:
 
 
 def test_missing_weights_are_one_line_errors_naming_the_key(env, tmp_path, capsys):
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(WeightsMissing) as e:
         fmri_ldm.Recipe(_cfg(f"ldm.weights={tmp_path / 'nowhere'}"), 0, 1, torch.device("cpu"))
     assert "ldm.weights" in _one_line(e) and "nowhere" in str(e.value)
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(InputError) as e:
         fmri_ldm.Recipe(_cfg(f"encoder.checkpoint={tmp_path / 'no_run'}"), 0, 1, torch.device("cpu"))
     assert "encoder.checkpoint" in _one_line(e) and "no_run" in str(e.value)
     with pytest.raises(config.ConfigError) as e:
@@ -145,7 +147,7 @@ def test_missing_weights_are_one_line_errors_naming_the_key(env, tmp_path, capsy
     plain.save_pretrained(folder / "unet")
     tiny_vae(8).save_pretrained(folder / "vae")
     DDPMScheduler(**SD_SCHEDULE).save_pretrained(folder / "scheduler")
-    unet = load_unet(str(folder), "ldm.weights", 16)
+    unet = load_ldm_unet(str(folder), "ldm.weights", 16)
     assert torch.equal(unet.conv_in.weight, plain.conv_in.weight) and unet.class_embedding is not None
     with pytest.raises(config.ConfigError) as e:
         fmri_ldm.Recipe(_cfg(f"ldm.weights={folder}", "ldm.context_dim=24"), 0, 1, torch.device("cpu"))
@@ -155,10 +157,10 @@ def test_missing_weights_are_one_line_errors_naming_the_key(env, tmp_path, capsy
     from safetensors.torch import save_file
     save_file(state, folder / "unet" / "diffusion_pytorch_model.safetensors")
     with pytest.raises(ValueError, match=r"beyond the new class embedding .*conv_in.bias"):
-        load_unet(str(folder), "ldm.weights", 16)
+        load_ldm_unet(str(folder), "ldm.weights", 16)
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError) as e:
-        load_unet(str(folder), "ldm.weights", 16)
+    with pytest.raises(WeightsMissing) as e:
+        load_ldm_unet(str(folder), "ldm.weights", 16)
     assert "ldm.weights" in _one_line(e)
 
 
@@ -177,13 +179,13 @@ def test_training_moves_only_the_trainable_parameters(run_dir, env):
 def test_generate_with_ddim_and_plms_resumably_and_score_the_images(run_dir, env, tmp_path, capsys):
     n_test, device = SIM["n_test"], torch.device("cpu")
     ddim, plms = tmp_path / "ddim", tmp_path / "plms"
-    ckpt = load_checkpoint(run_dir, overrides=["generation.scheduler=ddim"])
-    assert reconstruct.generate(ckpt, ddim, device, rank=1, world=2) == n_test // 2
+    _, recipe = registry.from_checkpoint(run_dir, None, ["generation.scheduler=ddim"], device)
+    assert reconstruct.generate(recipe, ddim, rank=1, world=2) == n_test // 2
     assert len(list(ddim.glob("*.png"))) == n_test  # 3 samples x 2 generations
-    assert reconstruct.generate(ckpt, ddim, device) == n_test // 2  # only the rest
+    assert reconstruct.generate(recipe, ddim) == n_test // 2  # only the rest
     first = sorted(ddim.glob("*_1.png"))[0]
     first.unlink()
-    assert reconstruct.generate(ckpt, ddim, device) == 1  # resumes the one sample left unfinished
+    assert reconstruct.generate(recipe, ddim) == 1  # resumes the one sample left unfinished
     names = sorted(p.name for p in ddim.glob("*.png"))
     assert len(names) == 2 * n_test and all(re.fullmatch(r"\d+_[01]\.png", n) for n in names)
 
@@ -200,7 +202,8 @@ def test_generate_with_ddim_and_plms_resumably_and_score_the_images(run_dir, env
         assert math.isfinite(r[key]), key
     assert r["n_test"] == n_test and r["n_generations"] == 2 and 0 <= r["inception_50way_top1"] <= 100
     assert "forward_top1" not in r and not (report / "retrievals.png").exists() and (report / "reconstructions.png").exists()
-    capsys.readouterr()
-    assert eval_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "e2"), "--extractors", ""]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and "pass --recons" in err and "\n" not in err
+    assert math.isfinite(r["noise_mse"]) and "noise_mse_shuffled" in r  # its own scores beside them
+    # without --recons: the recipe's own held-out scores, and where the image metrics come from
+    assert eval_main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "e2"), "--extractors", ""]) == 0
+    table = (tmp_path / "e2" / "table.md").read_text()
+    assert "| noise_mse |" in table and "train.reconstruct" in table

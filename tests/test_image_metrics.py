@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from eval import metrics
-from eval.metrics import MetricInputError
+from models import scores as model_scores
+from models.scores import MetricInputError
 from eval.resize import resize, resize_like_pil
 
 
@@ -18,8 +19,8 @@ def _pearson(a, b) -> float:
 def test_two_way_self_is_100_shuffled_is_about_50():
     torch.manual_seed(0)
     f = torch.randn(200, 64)
-    assert metrics.two_way_identification(f, f) == 100.0
-    shuffled = [metrics.two_way_identification(f, f[torch.randperm(200)]) for _ in range(5)]
+    assert model_scores.two_way_identification(f, f) == 100.0
+    shuffled = [model_scores.two_way_identification(f, f[torch.randperm(200)]) for _ in range(5)]
     assert abs(np.mean(shuffled) - 50) < 2
 
 
@@ -30,7 +31,7 @@ def test_two_way_matches_direct_formula():
     n = len(real)
     r = np.array([[_pearson(real[i], recon[j]) for j in range(n)] for i in range(n)])
     direct = np.mean([sum(r[i, j] < r[j, j] for i in range(n) if i != j) / (n - 1) for j in range(n)]) * 100
-    got = metrics.two_way_identification(torch.tensor(real), torch.tensor(recon))
+    got = model_scores.two_way_identification(torch.tensor(real), torch.tensor(recon))
     assert got == pytest.approx(direct, abs=1e-9)
 
 
@@ -43,16 +44,16 @@ def test_two_way_takagi_averages_r_over_generations_row_wise():
     # For each seen image i, the share of the other reconstructions j with r[i, j] < r[i, i].
     direct = np.mean([sum(r[i, j] < r[i, i] for j in range(n) if j != i) / (n - 1) for i in range(n)]) * 100
     column_wise = np.mean([sum(r[i, j] < r[j, j] for i in range(n) if i != j) / (n - 1) for j in range(n)]) * 100
-    assert metrics.two_way_identification(torch.tensor(real), torch.tensor(recon)) == pytest.approx(direct)
+    assert model_scores.two_way_identification(torch.tensor(real), torch.tensor(recon)) == pytest.approx(direct)
     assert direct != pytest.approx(column_wise)  # the orientation matters on these inputs
-    assert metrics.pearson_matrix(torch.tensor(real), torch.tensor(recon)).shape == (n, n)
+    assert model_scores.pearson_matrix(torch.tensor(real), torch.tensor(recon)).shape == (n, n)
 
 
 def test_two_way_hand_case():
     real = torch.tensor([[1.0, 2.0, 3.0], [3.0, 2.0, 1.0], [1.0, 3.0, 2.0]])
     # recon 0 = real 0 (r=1 wins both), recon 1 = real 0 too (its own r=-1 loses both), recon 2 = real 2 (wins both).
     recon = torch.stack([real[0], real[0], real[2]])
-    assert metrics.two_way_identification(real, recon) == pytest.approx(100 * 2 / 3)
+    assert model_scores.two_way_identification(real, recon) == pytest.approx(100 * 2 / 3)
 
 
 def test_correlation_distance_direct_and_hand():
@@ -195,17 +196,17 @@ def test_multilabel_hand_cases():
     labels = torch.tensor([[1, 1, 1], [0, 1, 1], [1, 1, 1], [0, 1, 1]]).float()
     # Class 0: ranking .9(+) .8(-) .3(+) .1(-): AP = (1/1 + 2/3) / 2; AUC = 3 of 4 pos-neg pairs.
     # Classes 1 and 2 have no negative: AP is 1 for both, AUC leaves them out.
-    assert metrics.multilabel_map(scores, labels) == pytest.approx(((1 + 2 / 3) / 2 + 1 + 1) / 3, abs=1e-6)
-    assert metrics.multilabel_auc(scores, labels) == pytest.approx(0.75, abs=1e-6)
+    assert model_scores.multilabel_map(scores, labels) == pytest.approx(((1 + 2 / 3) / 2 + 1 + 1) / 3, abs=1e-6)
+    assert model_scores.multilabel_auc(scores, labels) == pytest.approx(0.75, abs=1e-6)
     # Hamming at 0.5: predictions [1,0,1],[1,1,1],[0,1,1],[0,0,1] vs labels -> 4 disagreements of 12;
     # a score of exactly 0.5 predicts 1 (CLIP-MUSED's `ge(0.5)`).
-    assert metrics.hamming_loss(scores, labels) == pytest.approx(4 / 12)
-    assert metrics.hamming_loss(torch.full((2, 2), 0.5), torch.ones(2, 2)) == 0.0
-    assert metrics.hamming_loss(torch.full((2, 2), 0.5), torch.zeros(2, 2)) == 1.0
+    assert model_scores.hamming_loss(scores, labels) == pytest.approx(4 / 12)
+    assert model_scores.hamming_loss(torch.full((2, 2), 0.5), torch.ones(2, 2)) == 0.0
+    assert model_scores.hamming_loss(torch.full((2, 2), 0.5), torch.zeros(2, 2)) == 1.0
     no_positive = labels.clone()
     no_positive[:, 2] = 0
     # A class without positives is left out of mAP (here AP of class 2 would be undefined).
-    assert metrics.multilabel_map(scores, no_positive) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2, abs=1e-6)
+    assert model_scores.multilabel_map(scores, no_positive) == pytest.approx(((1 + 2 / 3) / 2 + 1) / 2, abs=1e-6)
 
 
 def test_multilabel_auc_matches_pairwise_formula():
@@ -216,7 +217,7 @@ def test_multilabel_auc_matches_pairwise_formula():
     for c in range(5):
         pos, neg = scores[labels[:, c] == 1, c], scores[labels[:, c] == 0, c]
         aucs.append(np.mean([(p > n) + 0.5 * (p == n) for p in pos for n in neg]))
-    assert metrics.multilabel_auc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(np.mean(aucs), abs=1e-6)
+    assert model_scores.multilabel_auc(torch.tensor(scores), torch.tensor(labels)) == pytest.approx(np.mean(aucs), abs=1e-6)
 
 
 def test_fid_matches_closed_form():
@@ -233,19 +234,19 @@ def test_retrieval_top5_and_chunking(monkeypatch):
     torch.manual_seed(8)
     brain, image = torch.randn(120, 16), torch.randn(120, 16)
     brain[:60] += 2 * image[:60]
-    full = metrics.retrieval(brain, image, n_way=120, n_trials=1)
+    full = model_scores.retrieval(brain, image, n_way=120, n_trials=1)
     sims = torch.nn.functional.normalize(brain) @ torch.nn.functional.normalize(image).T
     own = sims.diagonal()
     rank = (sims >= own[:, None]).sum(1) - 1
     assert full["forward_top5_full"] == pytest.approx((rank < 5).double().mean().item() * 100)
     assert full["forward_top1_full"] <= full["forward_top5_full"]
-    monkeypatch.setattr(metrics, "ELEMENT_BUDGET", 7 * 120)  # 7 queries per chunk
-    assert metrics.retrieval(brain, image, n_way=120, n_trials=1) == full
-    top = metrics.top_k_indices(brain, image, 5)
+    monkeypatch.setattr(model_scores, "ELEMENT_BUDGET", 7 * 120)  # 7 queries per chunk
+    assert model_scores.retrieval(brain, image, n_way=120, n_trials=1) == full
+    top = model_scores.top_k_indices(brain, image, 5)
     assert torch.equal(top, sims.topk(5, dim=1).indices)
 
 
-@pytest.mark.parametrize("fn", [metrics.two_way_identification, metrics.correlation_distance, metrics.retrieval,
+@pytest.mark.parametrize("fn", [model_scores.two_way_identification, metrics.correlation_distance, model_scores.retrieval,
                                 metrics.pixcorr, metrics.ssim, metrics.fid])
 def test_bad_inputs_are_clear_errors(fn):
     images = torch.rand(4, 3, 16, 16)

@@ -6,11 +6,10 @@ import shutil
 import pytest
 import torch
 
-from models.image_variation import (
-    GenerationWeightsMissing,
-    load_image_variation,
-    tiny_image_variation,
-)
+from data.diffusers_weights import load_image_variation
+from data.pretrained_weights import WeightsMissing
+from models.errors import InputError
+from models.image_variation import tiny_image_variation
 
 T, D = 5, 64
 
@@ -121,21 +120,21 @@ def test_load_versatile_diffusion_layout(pipe, tokens, reference, tmp_path):
 
 def test_missing_weights(pipe, tmp_path):
     missing = tmp_path / "vd"
-    with pytest.raises(GenerationWeightsMissing) as info:
+    with pytest.raises(WeightsMissing) as info:
         load_image_variation(str(missing))
     assert str(missing) in str(info.value) and "generation.weights" in str(info.value)
-    assert isinstance(info.value, FileNotFoundError)
+    assert isinstance(info.value, InputError)
 
     (missing / "vae").mkdir(parents=True)
     (missing / "scheduler").mkdir()
-    with pytest.raises(GenerationWeightsMissing, match="generation.weights"):
+    with pytest.raises(WeightsMissing, match="generation.weights"):
         load_image_variation(str(missing))
 
     # Configs without weight files: an error, never a randomly initialised model.
     pipe.unet.save_config(missing / "unet")
     pipe.vae.save_config(missing / "vae")
     pipe.scheduler.save_pretrained(missing / "scheduler")
-    with pytest.raises(GenerationWeightsMissing, match="generation.weights"):
+    with pytest.raises(WeightsMissing, match="generation.weights"):
         load_image_variation(str(missing))
 
     with pytest.raises(ValueError, match="cross_attention_dim"):

@@ -2,6 +2,7 @@
 contrastive terms, streaming many subjects, voxel-count transfer, ZeRO-3 with activation
 checkpointing, the warm-up cosine schedule."""
 import json
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -15,7 +16,9 @@ from train import config
 from train.config import ConfigError
 from train.engine import make_optimizer, make_schedule
 from train.losses import info_nce
-from train.recipes.mbm import Recipe, load_pretrained_encoder
+from train.components.mbm_encoder import load_pretrained_encoder
+from models.errors import InputError
+from train.recipes.mbm import Recipe
 
 TINY = "train/configs/mbm_tiny.yaml"
 # 6 subjects in one voxel space: 4 pretrain, 2 held out.
@@ -46,9 +49,12 @@ def test_pretraining_lowers_heldout_masked_mse_and_dcmae_separates_two_maskings_
     by at least 0.2, and by more than under MinD-Vis' loss alone."""
     cache, runs = tmp_path / "cache", {"mbm": tmp_path / "mbm", "dcmae": tmp_path / "dcmae"}
     contrast = {"mbm": [], "dcmae": ["loss.self_contrast=1.0", "loss.cross_contrast=1.0", "data.loader=memory"]}
-    for name, run_dir in runs.items():
-        _ok(launch(["--config", TINY, f"run_dir={run_dir}", *SIM, *SMALL_MODEL, "train.epochs=12", "train.batch_size=16",
-                    *contrast[name], "ds.bf16.enabled=false"], 1, cache))
+    with ThreadPoolExecutor(len(runs)) as pool:  # side by side: one rank and thread each
+        done = list(pool.map(lambda name: launch(["--config", TINY, f"run_dir={runs[name]}", *SIM, *SMALL_MODEL,
+                                                  "train.epochs=12", "train.batch_size=16", *contrast[name],
+                                                  "ds.bf16.enabled=false"], 1, cache), runs))
+    for result in done:
+        _ok(result)
     trained, dcmae = (json.loads((r / "test_results.json").read_text()) for r in runs.values())
     untrained = _untrained_score(runs["mbm"], cache, monkeypatch)
     assert trained["n_subjects"] == 2 and trained["voxel_fit"] == "none"
@@ -70,7 +76,7 @@ def test_pretraining_lowers_heldout_masked_mse_and_dcmae_separates_two_maskings_
 
     encoder = load_pretrained_encoder(str(runs["mbm"]), "encoder.checkpoint")
     assert encoder.n_voxels == 400 and encoder.patch_embed.weight.shape == (64, 1, 16)
-    with pytest.raises(FileNotFoundError, match="encoder.checkpoint"):
+    with pytest.raises(InputError, match="encoder.checkpoint"):
         load_pretrained_encoder(str(tmp_path / "nowhere"), "encoder.checkpoint")
 
 

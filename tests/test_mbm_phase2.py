@@ -9,15 +9,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from eval.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint
+from data.pretrained_weights import load_image_mae
 from models.cross_mae import CrossModalMAE
-from models.image_mae import ImageMAE, build_image_mae
+from models.image_mae import ImageMAE
 from models.mbm import MaskedBrainModel
 from tests.test_mbm_model import _layer_params
 from train import config, main
 from train.config import ConfigError
 from train.engine import make_optimizer, param_groups
-from train.recipes.mbm import load_pretrained_encoder
+from train.components.mbm_encoder import load_pretrained_encoder
 from train.recipes.mbm_phase2 import Recipe
 
 TINY = "train/configs/mbm_phase2_tiny.yaml"
@@ -146,7 +147,7 @@ def test_official_mae_checkpoint_key_map_round_trip(tmp_path):
             prm.normal_(0, 0.2)
     official = _to_official(source)
     torch.save({"model": official, "epoch": 1600}, tmp_path / "mae.pth")
-    loaded = build_image_mae(str(tmp_path / "mae.pth"), "image_mae.weights", seed=5, **TINY_IMAGE).eval()
+    loaded = load_image_mae(str(tmp_path / "mae.pth"), "image_mae.weights", seed=5, **TINY_IMAGE).eval()
     for k, v in source.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v), k
     images = torch.randn(2, 3, 32, 32)
@@ -162,10 +163,10 @@ def test_official_mae_checkpoint_key_map_round_trip(tmp_path):
     swapped = dict(official, pos_embed=official["pos_embed"][:, [0, *range(16, 0, -1)]])
     torch.save({"model": swapped}, tmp_path / "swapped.pth")
     with pytest.raises(ValueError, match="pos.*image_mae.weights"):
-        build_image_mae(str(tmp_path / "swapped.pth"), "image_mae.weights", **TINY_IMAGE)
+        load_image_mae(str(tmp_path / "swapped.pth"), "image_mae.weights", **TINY_IMAGE)
     torch.save({"model": {k: v for k, v in official.items() if not k.startswith("decoder")}}, tmp_path / "enc.pth")
     with pytest.raises(ValueError, match="has no decoder"):
-        build_image_mae(str(tmp_path / "enc.pth"), "image_mae.weights", **TINY_IMAGE)
+        load_image_mae(str(tmp_path / "enc.pth"), "image_mae.weights", **TINY_IMAGE)
 
 
 # --- the cross-modal model -------------------------------------------------------------------

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from eval.checkpoint import CheckpointError, load_checkpoint
+from train.checkpoint import CheckpointError, load_checkpoint
 from models.diffusion_prior import PriorNetwork
 from models.lowlevel import LowLevelDecoder
 from models.mindeye import MindEye, MindEyeBackbone

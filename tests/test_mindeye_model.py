@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from data.pretrained_weights import WeightsMissing, load_convnext_features
 from models.convnext_features import build_convnext_features
 from models.lowlevel import LowLevelDecoder
 from models.mindeye import MindEyeBackbone
@@ -42,8 +43,8 @@ def test_lowlevel_branch_paper_count_and_shapes():
 
 def test_convnext_teacher_features_and_missing_weights(tmp_path):
     tiny = {"dims": [8, 16, 32], "depths": [1, 1, 1]}
-    teacher = build_convnext_features("tiny", "random", 2, 32, 4, tiny=tiny)
+    teacher = build_convnext_features("tiny", None, 2, 32, 4, tiny=tiny)
     assert teacher.channels == 16 and teacher(torch.rand(2, 3, 48, 48)).shape == (2, 16, 16)
     assert not any(p.requires_grad for p in teacher.parameters())
-    with pytest.raises(FileNotFoundError, match="teacher.weights"):
-        build_convnext_features("convnext_large", str(tmp_path / "none.pth"), 2, 224, 16)
+    with pytest.raises(WeightsMissing, match="teacher.weights"):
+        load_convnext_features("convnext_large", str(tmp_path / "none.pth"), 2, 224, 16)

@@ -7,14 +7,15 @@ import json
 import pytest
 import torch
 
-from eval.checkpoint import load_checkpoint
 from eval.main import main as eval_main
+from models.errors import ConfigError
 from tests.conftest import SMALL_RUN, SMALL_SIM, launch, train_losses
-from train import reconstruct
+from train import config, reconstruct, registry
+from train.recipes.mindeye import best_of
 
 SIM = [f"data.simulator.{k}={json.dumps(v).replace(' ', '')}" for k, v in SMALL_SIM.items()]
 # A 32 px generator (latent side 8) and a low-level branch that predicts 4 x 8 x 8 latents.
-GENERATION = ["generation.sample_size=8", "generation.steps=3", "generation.n_samples=2", "generation.batch_size=16",
+GENERATION = ["generation.sample_size=8", "generation.steps=3", "generation.candidates=2", "generation.batch_size=16",
               "prior.sample_steps=5"]
 LOWLEVEL = [*SIM, "vae.image_size=32", "teacher.image_size=32",
             "model.hidden=64", "model.map_side=2", "train.batch_size=16", "train.epochs=3", "ds.bf16.enabled=false"]
@@ -43,19 +44,21 @@ def test_lowlevel_loss_falls_and_prior_retrieval_is_reported(runs):
 def test_reconstruct_resumes_splits_across_ranks_and_is_scored(runs, tmp_path, monkeypatch):
     high, low, cache = runs
     monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
-    ckpt, lowlevel = load_checkpoint(high), load_checkpoint(low)
-    out = tmp_path / "recons"
     device = torch.device("cpu")
+    _, recipe = registry.from_checkpoint(high, None, [], device)
+    _, lowlevel = registry.from_checkpoint(low, None, [], device)
+    recipe.start_from(lowlevel)  # img2img from the low-level branch's latents
+    out = tmp_path / "recons"
     n_test = SMALL_SIM["n_test"]
-    assert reconstruct.reconstruct(ckpt, out, lowlevel, device, rank=1, world=2) == n_test // 2  # odd samples
+    assert reconstruct.generate(recipe, out, rank=1, world=2) == n_test // 2  # odd samples
     written = sorted(int(p.stem) for p in out.glob("*.png"))
     assert len(written) == n_test // 2
-    assert reconstruct.reconstruct(ckpt, out, lowlevel, device) == n_test // 2  # only the rest
+    assert reconstruct.generate(recipe, out) == n_test // 2  # only the rest
     kept = (out / f"{written[0]}.png").read_bytes()
     (out / f"{written[1]}.png").unlink()
-    assert reconstruct.reconstruct(ckpt, out, lowlevel, device) == 1  # resumes where it stopped
+    assert reconstruct.generate(recipe, out) == 1  # resumes where it stopped
     assert (out / f"{written[0]}.png").read_bytes() == kept  # nothing rewritten
-    assert len(list(out.glob("*.png"))) == len(list((out / "lowlevel").glob("*.png"))) == n_test
+    assert len(list(out.glob("*.png"))) == n_test
 
     report = tmp_path / "eval"
     assert eval_main(["--checkpoint", str(high), "--recons", str(out), "--out", str(report), "--random-weights",
@@ -65,15 +68,38 @@ def test_reconstruct_resumes_splits_across_ranks_and_is_scored(runs, tmp_path, m
     assert "prior_forward_top1" in results
 
 
-def test_best_of_picks_the_closest_candidate():
+def test_the_lowlevel_branch_reconstructs_and_is_scored_as_images(runs, tmp_path, monkeypatch):
+    _, low, cache = runs
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    blurry, report = tmp_path / "blurry", tmp_path / "eval"
+    assert reconstruct.main(["--checkpoint", str(low), "--out", str(blurry), "--device", "cpu"]) == 0
+    assert len(list(blurry.glob("*.png"))) == SMALL_SIM["n_test"]
+    assert eval_main(["--checkpoint", str(low), "--recons", str(blurry), "--out", str(report), "--random-weights",
+                      "--extractors", "alexnet", "--device", "cpu"]) == 0
+    results = json.loads((report / "results.json").read_text())
+    assert 0 < results["ssim"] < 1 and -1 <= results["pixcorr"] <= 1 and "alexnet2" in results
+    assert "latent_r_across_samples" in results and "forward_top1" not in results  # no embeddings: no retrieval
+
+
+def test_best_of_picks_the_closest_candidates():
     reference = torch.randn(3, 4, 8)
     candidates = torch.randn(3, 5, 4, 8)
     candidates[0, 2], candidates[1, 4], candidates[2, 0] = 2 * reference[0], reference[1] + 0.01, reference[2]
-    assert reconstruct.best_of(candidates, reference).tolist() == [2, 4, 0]
+    assert best_of(candidates, reference).tolist() == [[2], [4], [0]]
+    candidates[0, 3] = reference[0] + 0.3 * torch.randn(4, 8)
+    assert best_of(candidates, reference, 2)[0].tolist() == [2, 3]
 
 
-def test_reconstruction_refuses_a_checkpoint_without_prior(runs, tmp_path):
-    high, _, _ = runs
-    ckpt = load_checkpoint(high, overrides=["prior.enabled=false"])
-    with pytest.raises(ValueError, match="prior.enabled"):
-        reconstruct.reconstruct(ckpt, tmp_path, None, torch.device("cpu"))
+def test_reconstruction_needs_the_prior_and_a_lowlevel_run_that_predicts_latents(runs, tmp_path, monkeypatch, capsys):
+    high, _, cache = runs
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    cfg = config.load(high / "config.yaml", ["prior.enabled=false"])
+    recipe = registry.get("mindeye")(cfg, 0, 1, torch.device("cpu"), train=False)
+    with pytest.raises(ConfigError, match="prior.enabled"):
+        recipe.generate(torch.zeros(1, recipe.data.n_voxels), [0])
+    assert reconstruct.main(["--checkpoint", str(high), "--lowlevel", str(high), "--out", str(tmp_path),
+                             "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: --lowlevel") and "'latents'" in errors[0]
+    assert "Traceback" not in err

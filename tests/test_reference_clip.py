@@ -16,7 +16,7 @@ from models.clip_image import build_visual, clip_preprocess
 from models.clip_levels import build_clip_levels
 from tests.conftest import load_reference
 from train.config import ConfigError
-from train.recipes.mindeye import ClipConfig, TinyViTConfig, clip_encoder
+from train.components.clip_targets import ClipConfig, TinyViTConfig, clip_encoder
 
 FORMATS = ["torchscript", "state_dict", "hf_bin", "hf_safetensors"]
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from eval import metrics
+from models import scores
 from eval.features import SPECS, preprocess
 from eval.images import to_unit
 from eval.resize import resize
@@ -32,7 +33,7 @@ def test_pixcorr_and_ssim_equal_mindeye(mindeye1):
 
 
 def test_two_way_identification_equals_mindeye(mindeye1):
-    ours = metrics.two_way_identification(mindeye1["two_way_real"], mindeye1["two_way_recon"])
+    ours = scores.two_way_identification(mindeye1["two_way_real"], mindeye1["two_way_recon"])
     assert ours / 100 == pytest.approx(mindeye1["two_way"], abs=TOL)
 
 
@@ -43,7 +44,7 @@ def test_correlation_distance_equals_mindeye(mindeye1):
 
 def test_retrieval_equals_mindeye_with_its_direction_names_swapped(mindeye1):
     brain, image = mindeye1["retrieval_brain"], mindeye1["retrieval_image"]
-    ours = metrics.retrieval(brain, image, n_way=len(brain), n_trials=1)
+    ours = scores.retrieval(brain, image, n_way=len(brain), n_trials=1)
     # MindEye's "bwd" ranks images for each brain embedding: our forward (image retrieval).
     assert ours["forward_top1_full"] / 100 == pytest.approx(mindeye1["retrieval_bwd_top1"], abs=TOL)
     assert ours["backward_top1_full"] / 100 == pytest.approx(mindeye1["retrieval_fwd_top1"], abs=TOL)
@@ -81,24 +82,24 @@ def test_pixcorr_ssim_and_two_way_equal_brain_diffuser():
     assert metrics.pixcorr(gt, gen, size=size) == pytest.approx(ref["pixcorr"], abs=TOL)
     assert metrics.ssim(gt, gen, size=size, window="columns") == pytest.approx(ref["ssim"], abs=TOL)
     assert abs(metrics.ssim(gt, gen, size=size) - ref["ssim"]) > 1e-3
-    assert metrics.two_way_identification(ref["two_way_real"], ref["two_way_pred"]) / 100 == pytest.approx(ref["two_way"], abs=TOL)
+    assert scores.two_way_identification(ref["two_way_real"], ref["two_way_pred"]) / 100 == pytest.approx(ref["two_way"], abs=TOL)
 
 
 def test_two_way_over_generations_equals_takagi():
     """Takagi & Nishimoto's identification: r averaged over 5 generations, row-wise."""
     ref = load("metrics_takagi.pt")
-    assert metrics.two_way_identification(ref["original"], ref["generated"]) / 100 == pytest.approx(ref["two_way"], abs=TOL)
+    assert scores.two_way_identification(ref["original"], ref["generated"]) / 100 == pytest.approx(ref["two_way"], abs=TOL)
 
 
 def test_multilabel_scores_equal_clip_mused_except_undefined_classes():
     ref = load("metrics_clip_mused.pt")
     probs, labels = ref["probs"], ref["labels"]
     assert (probs == 0.5).any()  # predicted positive at >= 0.5
-    assert metrics.hamming_loss(probs, labels) == pytest.approx(ref["hamming"], abs=TOL)
+    assert scores.hamming_loss(probs, labels) == pytest.approx(ref["hamming"], abs=TOL)
     positives = labels.sum(0)
     has_positive, has_both = positives > 0, (positives > 0) & (positives < len(labels))
-    assert metrics.multilabel_map(probs, labels) == pytest.approx(ref["ap_per_class"][has_positive].mean().item(), abs=TOL)
-    assert metrics.multilabel_auc(probs, labels) == pytest.approx(ref["auc_per_class"][has_both].mean().item(), abs=TOL)
+    assert scores.multilabel_map(probs, labels) == pytest.approx(ref["ap_per_class"][has_positive].mean().item(), abs=TOL)
+    assert scores.multilabel_auc(probs, labels) == pytest.approx(ref["auc_per_class"][has_both].mean().item(), abs=TOL)
     # The deliberate differences: the reference scores a class without positives AP 0, and a
     # class without both labels AUC 1.0, and its means count them.
     assert ref["ap_per_class"][~has_positive].tolist() == [0.0]

@@ -105,7 +105,7 @@ def test_soft_clip_and_soft_contrastive_equal_the_reference(losses):
 
 
 def _eval(args: list[str], cache) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=900,
+    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "FMRIDECODE_CACHE": str(cache)})
 
 

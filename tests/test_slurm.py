@@ -79,7 +79,7 @@ def test_a_job_requeued_mid_training_ends_with_the_uninterrupted_loss(tmp_path, 
     assert _sweep(tmp_path, "requeue", overrides=long) == 0  # submitted, not waited for
     folder = tmp_path / "requeue"
     run, job = folder / "run", json.loads((folder / "runs.json").read_text())[0]["job_id"]
-    deadline = time.time() + 400
+    deadline = time.time() + 1800
     while not (run / "checkpoints" / "latest").is_file():  # let it checkpoint, then preempt it
         assert time.time() < deadline, "the job wrote no checkpoint"
         time.sleep(0.5)
@@ -90,7 +90,7 @@ def test_a_job_requeued_mid_training_ends_with_the_uninterrupted_loss(tmp_path, 
     # Slurm holds a requeued job for a while before it may start again; not worth waiting for here.
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
     while not (run / "test_results.json").is_file():
-        assert time.time() < deadline + 400, "the requeued job did not finish"
+        assert time.time() < deadline + 1800, "the requeued job did not finish"
         time.sleep(2)
     log = "".join(p.read_text() for p in (folder / "logs").glob("*_log.err"))
     assert "Caught signal SIGUSR2" in log  # submitit took the signal and requeued the job

@@ -9,16 +9,17 @@ import math
 import pytest
 import torch
 
-from eval.checkpoint import load_checkpoint
+from train.checkpoint import load_checkpoint
+from data.diffusers_weights import load_stable_diffusion
+from data.pretrained_weights import WeightsMissing
 from eval.main import main as eval_main
 from models.stable_diffusion import (
     caption_embeddings,
     img2img,
-    load_stable_diffusion,
     tiny_stable_diffusion,
 )
 from tests.conftest import ROOT, launch
-from train import closed_form, config, reconstruct
+from train import closed_form, config, reconstruct, registry
 from train.recipes import ridge_clip, takagi
 
 TINY = "train/configs/takagi_tiny.yaml"
@@ -65,7 +66,7 @@ def test_a_killed_fit_resumes_with_the_decoders_left_and_is_never_overwritten_si
     assert result.returncode == 2 and "already holds a fit" in result.stderr and "--resume" in result.stderr
     result = launch(["--config", TINY, "--resume", f"run_dir={copy}", *SMALL], 1, cache)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "decoder 'text'" in result.stdout and "decoder 'latent'" not in result.stdout  # only the missing one
+    assert "decoder 'text'" in result.stderr and "decoder 'latent'" not in result.stderr  # only the missing one
     mine, full = load_checkpoint(copy).state, load_checkpoint(run_dir).state
     assert mine.keys() == full.keys() and all(torch.equal(mine[k], full[k]) for k in full)
     assert json.loads((copy / "test_results.json").read_text()) == json.loads((run_dir / "test_results.json").read_text())
@@ -73,8 +74,8 @@ def test_a_killed_fit_resumes_with_the_decoders_left_and_is_never_overwritten_si
 
 def test_generate_resumably_and_score_the_images(run_dir, env, tmp_path):
     out, device = tmp_path / "recons", torch.device("cpu")
-    ckpt = load_checkpoint(run_dir)
-    assert reconstruct.generate(ckpt, out, device, rank=0, world=2) == SIM["n_test"] // 2
+    _, recipe = registry.from_checkpoint(run_dir, None, [], device)
+    assert reconstruct.generate(recipe, out, rank=0, world=2) == SIM["n_test"] // 2
     assert reconstruct.main(["--checkpoint", str(run_dir), "--out", str(out), "--device", "cpu"]) == 0
     names = sorted(p.name for p in out.glob("*.png"))
     assert len(names) == 2 * SIM["n_test"]
@@ -119,7 +120,7 @@ def test_a_stable_diffusion_folder_loads_and_missing_parts_are_one_line_errors(t
     assert type(loaded.scheduler).__name__ == "DDIMScheduler"
     assert caption_embeddings(loaded, [["a cat"]]).allclose(caption_embeddings(original, [["a cat"]]), atol=1e-6)
     (folder / "text_encoder" / "config.json").unlink()
-    with pytest.raises(FileNotFoundError) as e:
+    with pytest.raises(WeightsMissing) as e:
         load_stable_diffusion(str(folder), "sd.weights")
     text = str(e.value)
     assert "\n" not in text and "text_encoder/config.json" in text and "sd.weights" in text
@@ -150,5 +151,5 @@ def test_ridge_baseline_retrieves_above_chance(env, tmp_path, cache):
     ckpt = load_checkpoint(run)
     recipe = ridge_clip.Recipe(ckpt.cfg, 0, 1, torch.device("cpu"))
     recipe.model.load_state_dict(ckpt.state)
-    again = recipe.score(recipe.embeddings(recipe.model, "test"))
+    again = recipe.score(recipe.model, "test")
     assert again["forward_top1"] == r["forward_top1"]  # the eval package's path gives the run's numbers

@@ -1,9 +1,9 @@
 """The engine of closed-form recipes (ridge decoders): fit each decoder on the training trials,
 save it, then score validation and test. `train/main.py` runs it for any recipe with `decoders`.
 
-A recipe here has `model` (the module whose state is saved), `decoders` (name ->
-(RidgeDecoder inside `model`, TargetTable of its targets)), `data` (SubjectData) and
-`evaluate(model, split)`. Each decoder is saved as checkpoints/ridge/<name>.pt once fitted, so
+A recipe here declares `Fitted` and `HeldOutScores` (train/recipe.py): `model` (the module
+whose state is saved), `decoders` (name -> (RidgeDecoder inside `model`, TargetTable of its
+targets)), `data` and `score(model, split)`. Each decoder is saved as checkpoints/ridge/<name>.pt once fitted, so
 `--resume` after a kill fits only the others; the end writes checkpoints/ridge/model.pt (the
 whole state dict, which `python -m eval` reads) and checkpoints/latest. With several ranks,
 rank r fits decoders r, r + world, ... (e.g. Takagi's two decoders on two GPUs).
@@ -11,8 +11,8 @@ rank r fits decoders r, r + world, ... (e.g. Takagi's two decoders on two GPUs).
 from __future__ import annotations
 
 import json
+import logging
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,28 +20,15 @@ from omegaconf import DictConfig
 
 from data.files import atomic_write_text
 from models.ridge_decoder import RidgeDecoder
+from data import logs
 from train import distributed
-from train.config import ConfigError, RecipeConfig, to_yaml
+from train.config import ConfigError, to_yaml
 from train.engine import MetricLog, prepare_run_dir
 from train.ridge import group_folds, ridge_cv, standardizer
 
+logger = logging.getLogger(__name__)
 TAG = "ridge"
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class RidgeConfig:
-    alphas: list[float] = field(default_factory=lambda: [10 ** (e / 2) for e in range(2, 15)])  # 10 to 1e7
-    folds: int = 5  # k-fold CV over images (an image's repeats stay in one fold)
-    chunk: int = 4096  # targets solved at a time
-    device: str = "auto"  # "auto": cuda when available; also where frozen target models run
-    dtype: str = "float32"  # of the target passes ("float64" for exactness; the decomposition is float64)
-
-
-@dataclass
-class ClosedFormConfig(RecipeConfig):
-    """A recipe fitted here: no optimizer, schedule or DeepSpeed keys."""
-    ridge: RidgeConfig = field(default_factory=RidgeConfig)
 
 
 def ridge_device(name: str) -> torch.device:
@@ -90,8 +77,10 @@ def run(cfg: DictConfig, recipe_cls, resume: bool = False, overwrite: bool = Fal
     run_dir = Path(cfg.run_dir)
     folder = run_dir / "checkpoints" / TAG
     prepare_run_dir(run_dir, folder, resume, overwrite, rank, what="fit")
+    logs.setup(rank)
     torch.manual_seed(cfg.seed)
     recipe = recipe_cls(cfg, rank, world, ridge_device(cfg.ridge.device), train=False)
+    logs.setup(rank, run_dir)
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
@@ -107,7 +96,7 @@ def run(cfg: DictConfig, recipe_cls, resume: bool = False, overwrite: bool = Fal
         decoder, targets = recipe.decoders[name]
         summary = fit_decoder(decoder, voxels, image_ids, targets, cfg, f"ridge {name}")
         _save({"state": decoder.state_dict(), "summary": summary}, folder / f"{name}.pt")
-        print(f"decoder {name!r}: {json.dumps(summary)}", flush=True)
+        logger.info("decoder %r: %s", name, json.dumps(summary))
     distributed.barrier()
     if rank != 0:
         distributed.barrier()
@@ -119,16 +108,16 @@ def run(cfg: DictConfig, recipe_cls, resume: bool = False, overwrite: bool = Fal
         summaries[name] = saved["summary"]
     _save(recipe.model.state_dict(), folder / "model.pt")
     atomic_write_text(run_dir / "checkpoints" / "latest", TAG)
-    log = MetricLog(run_dir, 0, True)
+    metrics = MetricLog(run_dir, 0, True)
     for name, s in summaries.items():
-        log.write(1, f"fit/{name}", s)
+        metrics.write(1, f"fit/{name}", s)
     recipe.model.to(recipe.device).eval()
-    log.write(1, "val", recipe.evaluate(recipe.model, "val"))
-    results = recipe.evaluate(recipe.model, "test")
-    log.write(1, "test", results)
-    log.close()
+    metrics.write(1, "val", recipe.score(recipe.model, "val"))
+    results = recipe.score(recipe.model, "test")
+    metrics.write(1, "test", results)
+    metrics.close()
     text = json.dumps({"split": "test", **results}, indent=1)
     atomic_write_text(run_dir / "test_results.json", text)
-    print(f"test results written to {run_dir / 'test_results.json'}:\n{text}", flush=True)
+    logger.info("test results written to %s:\n%s", run_dir / "test_results.json", text)
     distributed.barrier()
     return results

@@ -7,7 +7,7 @@ from another with `base: other.yaml` (a path relative to it) and change only som
 """
 from __future__ import annotations
 
-import importlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -17,10 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from data.simulator.build import SimulatorConfig
-
-
-class ConfigError(ValueError):
-    """A bad config file, key or value; the message names it."""
+from models.errors import ConfigError  # noqa: F401  (train.config.ConfigError is what recipes raise)
 
 
 @dataclass
@@ -77,6 +74,29 @@ class RunConfig(RecipeConfig):
     ds: dict[str, Any] = field(default_factory=dict)  # overrides of the DeepSpeed JSON
 
 
+@dataclass
+class RidgeConfig:
+    alphas: list[float] = field(default_factory=lambda: [10 ** (e / 2) for e in range(2, 15)])  # 10 to 1e7
+    folds: int = 5  # k-fold CV over images (an image's repeats stay in one fold)
+    chunk: int = 4096  # targets solved at a time
+    device: str = "auto"  # "auto": cuda when available; also where frozen target models run
+    dtype: str = "float32"  # of the target passes ("float64" for exactness; the decomposition is float64)
+
+
+@dataclass
+class ClosedFormConfig(RecipeConfig):
+    """A recipe fitted in closed form (train/closed_form.py): no optimizer, schedule or DeepSpeed keys."""
+    ridge: RidgeConfig = field(default_factory=RidgeConfig)
+
+
+@dataclass
+class GenerationKeys:
+    """The `generation` keys every generating recipe has (train/recipe.py `Generates`)."""
+    n_samples: int = 1  # images per test sample
+    batch_size: int = 4  # test samples per generation batch
+    seed: int = 0  # with the test image id, seeds each sample's randomness
+
+
 def _first_line(e: Exception) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
@@ -107,10 +127,12 @@ def load(path: Path, overrides: list[str]) -> DictConfig:
             raise ConfigError(f"command line: {o!r} is not a key=value override")
     cli = OmegaConf.from_dotlist(overrides)
     recipe = cli.get("recipe", raw.get("recipe", "mindeye"))
+    from train import registry  # the recipes import this module
+
     try:
-        schema = importlib.import_module(f"train.recipes.{recipe}").Config
-    except ModuleNotFoundError:
-        raise ConfigError(f"{path}: unknown recipe {recipe!r}") from None
+        schema = registry.get(recipe).Config
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     cfg = OmegaConf.structured(schema)
     for source, part in ((path, OmegaConf.create(raw)), ("command line", cli)):
         try:
@@ -118,7 +140,67 @@ def load(path: Path, overrides: list[str]) -> DictConfig:
         except OmegaConfBaseException as e:
             key = getattr(e, "full_key", None)
             raise ConfigError(f"{source}: {key + ': ' if key else ''}{_first_line(e)}") from None
+    check_ranges(cfg)
     return cfg
+
+
+# Allowed ranges of numeric keys, by the key's last name (any section, any recipe): a value
+# outside is one ConfigError naming the key. (low, high, low inclusive, high inclusive).
+_AT_LEAST_1 = (1, None, True, True)
+_AT_LEAST_0 = (0, None, True, True)
+_POSITIVE = (0, None, False, True)
+_FRACTION = (0, 1, True, True)
+_OPEN_FRACTION = (0, 1, False, False)
+RANGES: dict[str, tuple] = {
+    **dict.fromkeys(("epochs", "batch_size", "grad_accum", "checkpoint_every", "log_every", "max_steps",
+                     "step_epochs", "n_samples", "steps", "sample_steps", "timesteps", "n_trials", "chunk",
+                     "cache_batch_size", "vae_batch_size", "shuffle_buffer", "depth", "heads", "layers", "dim",
+                     "hidden", "n_blocks", "patch_size", "image_size", "latent_size", "sample_size", "size",
+                     "dim_head", "decoder_dim", "decoder_depth", "decoder_heads", "proj_hidden", "feature_hidden",
+                     "classifier_hidden", "map_channels", "map_side", "norm_groups", "n_context", "context_dim",
+                     "n_subject_tokens", "llv_pool", "width", "output_dim", "embed_dim", "context_length",
+                     "vocab_size", "n_repeats", "n_subjects", "n_train", "n_test", "shard_max_bytes", "subject",
+                     "stage"), _AT_LEAST_1),
+    **dict.fromkeys(("val_every", "warmup_epochs", "num_workers", "weight_decay", "grad_clip", "seed", "n_val",
+                     "n_voxels", "bce", "orth", "rsa_hlv", "rsa_llv", "recon", "self_contrast", "cross_contrast",
+                     "fmri_recon", "image_recon", "loss_weight", "contrastive_weight", "mix_alpha", "guidance",
+                     "noise_voxel_fraction", "individuality", "snr_scale"), _AT_LEAST_0),
+    **dict.fromkeys(("lr", "mix_tau", "soft_tau_start", "soft_tau_end", "contrastive_tau", "temperature",
+                     "latent_scale", "final_div_factor", "step_gamma", "mlp_ratio"), _POSITIVE),
+    **dict.fromkeys(("input_dropout", "block_dropout", "dropout", "cond_drop_prob", "mix_prob", "mix_fraction",
+                     "early_fraction"), _FRACTION),
+    **dict.fromkeys(("mask_ratio", "pct_start"), _OPEN_FRACTION),
+    "strength": (0, 1, False, True),
+    "n_way": (2, None, True, True),
+    "folds": (2, None, True, True),
+}
+
+
+def _expected(low, high, low_in, high_in) -> str:
+    if high is None:
+        return f"{'at least' if low_in else 'more than'} {low}"
+    return f"in {'[' if low_in else '('}{low}, {high}{']' if high_in else ')'}"
+
+
+def check_ranges(cfg: DictConfig, prefix: str = "") -> None:
+    """Every numeric key within its allowed range (RANGES); a NaN or infinite float is refused too."""
+    for key, value in cfg.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, DictConfig):
+            if not str(key) == "ds":  # DeepSpeed's own keys are DeepSpeed's to check
+                check_ranges(value, f"{name}.")
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}={value}: expected a finite number")
+        rule = RANGES.get(str(key))
+        if rule is None:
+            continue
+        low, high, low_in, high_in = rule
+        ok = (value >= low if low_in else value > low) and (high is None or (value <= high if high_in else value < high))
+        if not ok:
+            raise ConfigError(f"{name}={value}: expected {_expected(*rule)}")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -1,20 +1,21 @@
 """The one training engine: DeepSpeed setup, the step loop, logging, checkpoints, resume.
 
-A recipe supplies the model, the batch stream, the loss of a micro-batch and an
-evaluation; everything else (optimizer, schedule, precision, sharding, accumulation,
+A recipe (train/recipe.py: `Trained` and `HeldOutScores`) supplies the model, the batch
+stream, the loss of a micro-batch and its held-out scores; everything else (optimizer, schedule, precision, sharding, accumulation,
 clipping, tensorboard, progress bar, checkpoints, exact resume) lives here once.
 """
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import math
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
 
 import deepspeed
-import numpy as np
 import torch
 from deepspeed.accelerator import get_accelerator
 from omegaconf import DictConfig, OmegaConf
@@ -22,20 +23,15 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data.files import atomic_write_text, read_json
+from data import logs
 from train import distributed
+from train.components.precision import engine_dtype
+from train.components.seeding import step_seed
 from train.config import ConfigError, to_yaml
+from train.recipe import Trained
 
+logger = logging.getLogger(__name__)
 ENGINE_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping")
-
-
-class Recipe(Protocol):
-    model: torch.nn.Module
-    loader: object  # MemoryLoader or StreamLoader: `steps_per_epoch`, `epoch(epoch, start_step)`
-
-    def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
-        """The loss of one micro-batch, and the values to log (including "loss")."""
-
-    def evaluate(self, engine, split: str) -> dict[str, float]: ...
 
 
 def deepspeed_config(path: Path, cfg: DictConfig, world: int) -> dict:
@@ -104,11 +100,6 @@ def make_schedule(cfg: DictConfig, steps_per_epoch: int):
     return make
 
 
-def step_seed(seed: int, step: int, rank: int) -> int:
-    """Per-step RNG seed: dropout and mixing depend only on (seed, step, rank), so resume is exact."""
-    return int(np.random.SeedSequence([seed, step, rank]).generate_state(1)[0])
-
-
 def initialize(model: torch.nn.Module, cfg: DictConfig, ds: dict, steps_per_epoch: int):
     """The DeepSpeed engine over `model`, with its optimizer and schedule (`train.compile`:
     the model compiled by torch.compile)."""
@@ -119,7 +110,7 @@ def initialize(model: torch.nn.Module, cfg: DictConfig, ds: dict, steps_per_epoc
     return engine
 
 
-def train_step(engine, recipe: Recipe, micro_batches: list[dict], step: int, epoch: int, seed: int, rank: int) -> dict[str, float]:
+def train_step(engine, recipe: Trained, micro_batches: list[dict], step: int, epoch: int, seed: int, rank: int) -> dict[str, float]:
     """One optimizer step over this rank's micro-batches; returns the logged values, averaged."""
     torch.manual_seed(step_seed(seed, step, rank))
     parts: dict[str, float] = {}
@@ -145,9 +136,46 @@ def prepare_run_dir(run_dir: Path, marker: Path, resume: bool, overwrite: bool, 
     if rank == 0 and overwrite and not resume:
         for p in (run_dir / "checkpoints", run_dir / "tensorboard"):
             shutil.rmtree(p, ignore_errors=True)
-        for p in (run_dir / "metrics.jsonl", run_dir / "test_results.json"):
+        for p in (run_dir / "metrics.jsonl", run_dir / "test_results.json", run_dir / "train.log"):
             p.unlink(missing_ok=True)
     distributed.barrier()
+
+
+def check_resume_shapes(model: torch.nn.Module, ckpt_dir: Path) -> None:
+    """Before DeepSpeed loads the latest checkpoint: a parameter whose shape differs from the
+    model's (a model key overridden on --resume) is one ConfigError naming the keys."""
+    tag = (ckpt_dir / "latest").read_text().strip()
+    states = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    if not states.is_file():
+        raise ConfigError(f"{states}: missing; the checkpoint {tag} is incomplete")
+    saved = torch.load(states, map_location="cpu", weights_only=False, mmap=True).get("module") or {}
+    ours = model.state_dict()
+    differ = [f"{k} {list(v.shape)} in the checkpoint, {list(ours[k].shape)} now"
+              for k, v in saved.items() if k in ours and v.numel() and v.shape != ours[k].shape]
+    missing = sorted(set(ours) - set(saved)) if saved else []
+    if differ or missing:
+        what = "; ".join(differ[:3] + [f"{k} not in the checkpoint" for k in missing[:3]])
+        more = len(differ) + len(missing) - min(3, len(differ)) - min(3, len(missing))
+        raise ConfigError(f"--resume: {ckpt_dir / tag} was saved from a model of another shape: {what}"
+                          f"{f' (and {more} more)' if more else ''}; resume with the config it was started with")
+
+
+@contextmanager
+def write_errors(path: Path):
+    """A failed checkpoint write (a full disk: torch reports it as a RuntimeError of its
+    stream writer) becomes one OSError naming `path`; the previous checkpoint stays `latest`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None:
+            raise OSError(e.errno or errno.EIO, e.strerror or str(e), str(path)) from None
+        raise
+    except RuntimeError as e:
+        text = str(e)
+        if "PytorchStreamWriter" not in text and "unexpected pos" not in text and "write" not in text.lower():
+            raise
+        raise OSError(errno.EIO, f"writing the checkpoint failed ({text.splitlines()[0]}); is the disk full?",
+                      str(path)) from None
 
 
 class MetricLog:
@@ -183,6 +211,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     rank, local_rank, world = distributed.init()
     run_dir = Path(cfg.run_dir)
     prepare_run_dir(run_dir, run_dir / "checkpoints" / "latest", resume, overwrite, rank)
+    logs.setup(rank)  # train.log once the inputs are checked: nothing is written before
     ds = deepspeed_config(ds_config_path, cfg, world)
     device = torch.device(get_accelerator().device_name(local_rank))
     torch.manual_seed(cfg.seed)
@@ -194,23 +223,25 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     ckpt_dir = run_dir / "checkpoints"
     step = 0
     if resume:
+        check_resume_shapes(recipe.model, ckpt_dir)
         _, client = engine.load_checkpoint(str(ckpt_dir))
         step = client["step"]
+    logs.setup(rank, run_dir)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", to_yaml(cfg))
         atomic_write_text(run_dir / "ds_config.json", json.dumps(ds, indent=1))
-    log = MetricLog(run_dir, step, rank == 0)
+    metrics = MetricLog(run_dir, step, rank == 0)
 
     def save() -> None:
         tag = f"step{step:08d}"
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": to_yaml(cfg)})
+        with write_errors(ckpt_dir / tag):
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step, "config": to_yaml(cfg)})
         if rank == 0:
             atomic_write_text(ckpt_dir / tag / "config.yaml", to_yaml(cfg))
 
     def validate() -> None:
         engine.eval()
-        log.write(step, "val", recipe.evaluate(engine, "val"))
+        metrics.write(step, "val", recipe.score(engine, "val", engine_dtype(engine)))
         engine.train()
 
     bar = tqdm(total=last, initial=step, desc=f"{cfg.recipe} training", disable=rank != 0, dynamic_ncols=True)
@@ -224,7 +255,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
             if step % cfg.train.log_every == 0 or step == last:
                 lr = engine.get_lr()[0]
                 rate = cfg.train.batch_size * cfg.train.log_every / (time.perf_counter() - t0)  # data loading included
-                log.write(step, "train", {**parts, "lr": lr, "samples_per_s": rate})
+                metrics.write(step, "train", {**parts, "lr": lr, "samples_per_s": rate})
                 bar.set_postfix(loss=f"{parts['loss']:.4f}", lr=f"{lr:.2e}", epoch=epoch, refresh=False)
             bar.update()
             end_of_epoch = step % spe == 0
@@ -241,12 +272,12 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
     if not (latest.is_file() and latest.read_text().strip() == f"step{step:08d}"):  # a resumed finished run has it
         save()
     engine.eval()
-    results = recipe.evaluate(engine, "test")
-    log.write(step, "test", results)
-    log.close()
+    results = recipe.score(engine, "test", engine_dtype(engine))
+    metrics.write(step, "test", results)
+    metrics.close()
     if rank == 0:
         text = json.dumps({"step": step, "split": "test", **results}, indent=1)
         atomic_write_text(run_dir / "test_results.json", text)
-        print(f"test results (step {step}) written to {run_dir / 'test_results.json'}:\n{text}", flush=True)
+        logger.info("test results (step %d) written to %s:\n%s", step, run_dir / "test_results.json", text)
     distributed.barrier()
     return results

@@ -7,7 +7,6 @@ input ends the run with one `error:` line naming the file or key.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -16,9 +15,8 @@ if str(ROOT) not in sys.path:  # `deepspeed train/main.py` puts train/ (not the 
     sys.path.insert(0, str(ROOT))
 
 
-from data.shards import DataError  # noqa: E402
-from train import closed_form, config, engine  # noqa: E402
-from train.closed_form import ClosedFormConfig  # noqa: E402
+from data.cli import run_cli  # noqa: E402
+from train import closed_form, config, engine, registry  # noqa: E402
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
@@ -32,24 +30,22 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def train(args: argparse.Namespace) -> None:
+    cfg = config.load(args.config, args.overrides)
+    if args.resume:  # a resumed run keeps the config it was started with, plus any new overrides
+        saved = Path(cfg.run_dir) / "config.yaml"
+        if saved.is_file():
+            cfg = config.load(saved, args.overrides)
+    recipe = registry.get(cfg.recipe)
+    if registry.training_kind(recipe) == "fitted":  # ridge decoders: no optimizer, --ds_config unused
+        closed_form.run(cfg, recipe, resume=args.resume, overwrite=args.overwrite)
+    else:
+        engine.run(cfg, recipe, args.ds_config, resume=args.resume, overwrite=args.overwrite)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    try:
-        cfg = config.load(args.config, args.overrides)
-        if args.resume:  # a resumed run keeps the config it was started with, plus any new overrides
-            saved = Path(cfg.run_dir) / "config.yaml"
-            if saved.is_file():
-                cfg = config.load(saved, args.overrides)
-        module = __import__(f"train.recipes.{cfg.recipe}", fromlist=["Recipe"])
-        if issubclass(module.Config, ClosedFormConfig):  # ridge decoders: no optimizer, --ds_config unused
-            closed_form.run(cfg, module.Recipe, resume=args.resume, overwrite=args.overwrite)
-        else:
-            engine.run(cfg, module.Recipe, args.ds_config, resume=args.resume, overwrite=args.overwrite)
-    except (config.ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
-    return 0
+    return run_cli(lambda: train(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ repeats. train and val: the images shown once; val is `--val` of them (default 1
 `data.convert.common.carve_val`. image_id: the index of the image's file name in the sorted
 list of every file name in the three stimulus folders (alike for every subject). Voxels are
 z-scored per voxel with the mean and standard deviation of the train split's trials (val and
-test trials left out), stored float16. Images are stored as published (JPEG bytes; any other
+test trials left out), stored float16 (the beta files must hold numbers; integers are fine). Images are stored as published (JPEG bytes; any other
 format as PNG), not resized; every one is decoded once before any shard is written, to check
 it. No labels, no captions.
 """
@@ -37,9 +37,9 @@ from PIL import Image
 from data.convert.common import (
     NO_LABELS,
     carve_val,
+    check_image,
     load_npy,
     read_lines,
-    reason,
     split_source,
     voxel_stats,
 )
@@ -71,15 +71,6 @@ def stimulus_files(root: Path) -> dict[str, Path]:
     return dict(sorted(files.items()))
 
 
-def _check_image(path: Path) -> tuple[int, int]:
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.size
-    except Exception as e:  # noqa: BLE001 - any unreadable image gets the same one-line error
-        raise DataError(f"{path}: unreadable image ({reason(e)})") from None
-
-
 def _image(path: Path) -> np.ndarray | bytes:
     data = path.read_bytes()
     if data.startswith(b"\xff\xd8\xff"):  # JPEG: kept as published
@@ -94,7 +85,7 @@ def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
         for r in REGIONS:
             path = args.root / "betas" / f"CSI{args.subject}_GLMbetas-TYPED-FITHRF-GLMDENOISE-RR_allses_{h}{r}.npy"
             n_trials = betas[0].shape[0] if betas else None
-            betas.append(load_npy(path, (n_trials, None), "as many trials as the first ROI file" if betas else ""))
+            betas.append(load_npy(path, (n_trials, None), "as many trials as the first ROI file" if betas else "", voxels=True))
             start = sum(b.shape[1] for b in betas[:-1])
             rois[f"{h}{r}"] = list(range(start, start + betas[-1].shape[1]))
     rois.update({r: rois[f"LH{r}"] + rois[f"RH{r}"] for r in REGIONS})
@@ -115,7 +106,7 @@ def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
     for row, name in enumerate(names):
         rows[image_ids[name]].append(row)
     paths = list(files.values())  # by image_id
-    sizes = sorted({_check_image(paths[i]) for i in rows})
+    sizes = sorted({check_image(paths[i], str(paths[i])) for i in rows})
 
     shown_once = [i for i, r in rows.items() if len(r) == 1]
     val_images = carve_val(shown_once, args.val)

@@ -1,14 +1,16 @@
 """What the dataset converters share: input reads whose every problem is a one-line
-`DataError` naming the file (and key), per-voxel z-scoring, the validation split, and split
-streams over a list of items."""
+`DataError` naming the file (and key), the checks of voxel values and stimulus images,
+per-voxel z-scoring, the validation split, and split streams over a list of items."""
 from __future__ import annotations
 
 import hashlib
+import io
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
+from PIL import Image
 
 from data.convert.output import SplitSource
 from data.shards import DataError, Sample
@@ -38,10 +40,38 @@ def read_lines(path: Path, what: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def check_array(a: np.ndarray, where: str, shape: tuple[int | None, ...], note: str = "") -> np.ndarray:
+def check_voxels(dtype, where: str, scaled: bool = True) -> None:
+    """Voxel values must be real numbers (not strings, objects, booleans or complex numbers).
+    Integers only where the converter scales them (`scaled`: it z-scores them): stored
+    unscaled as float16 they would keep whatever units they came in, and float16 holds
+    integers exactly only up to 2048."""
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "iuf":
+        raise DataError(f"{where} holds {dtype} values, expected numeric voxel values")
+    if not scaled and dtype.kind in "iu":
+        raise DataError(f"{where} holds integer ({dtype}) voxels, which this converter would store unscaled as float16 "
+                        "(exact only up to 2048; it has no option to scale them); convert them to float (e.g. z-scored) "
+                        "first")
+
+
+def check_image(source: Path | bytes, where: str) -> tuple[int, int]:
+    """The (width, height) of an image file or of encoded image bytes, decoded whole to check
+    it (a truncated JPEG fails here, not in training); DataError naming `where` otherwise."""
+    try:
+        with Image.open(source if isinstance(source, Path) else io.BytesIO(source)) as im:
+            im.load()
+            return im.size
+    except Exception as e:  # noqa: BLE001 - any unreadable image gets the same one-line error
+        raise DataError(f"{where}: unreadable image ({reason(e)})") from None
+
+
+def check_array(a: np.ndarray, where: str, shape: tuple[int | None, ...], note: str = "",
+                voxels: bool = False) -> np.ndarray:
     """`a` must have `shape` (None: any size on that axis) and, if floating point, only finite
-    values; `where` ("<file>: key 'x'") and `note` (what the expected sizes come from) go into
-    the error."""
+    values; `voxels`: numeric values as `check_voxels` wants them (the converter z-scores them).
+    `where` ("<file>: key 'x'") and `note` (what the expected sizes come from) go into the error."""
+    if voxels:
+        check_voxels(a.dtype, where)
     if a.ndim != len(shape) or any(n is not None and n != m for n, m in zip(shape, a.shape)):
         expected = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
         raise DataError(f"{where} has shape {a.shape}, expected {expected}{f' ({note})' if note else ''}")
@@ -50,13 +80,13 @@ def check_array(a: np.ndarray, where: str, shape: tuple[int | None, ...], note: 
     return a
 
 
-def load_npy(path: Path, shape: tuple[int | None, ...], note: str = "") -> np.ndarray:
+def load_npy(path: Path, shape: tuple[int | None, ...], note: str = "", voxels: bool = False) -> np.ndarray:
     require(path)
     try:
         a = np.load(path, allow_pickle=False)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same one-line error
         raise DataError(f"{path}: unreadable .npy file ({reason(e)})") from None
-    return check_array(a, str(path), shape, note)
+    return check_array(a, str(path), shape, note, voxels)
 
 
 def open_npz(path: Path):
@@ -68,7 +98,8 @@ def open_npz(path: Path):
         raise DataError(f"{path}: unreadable .npz file ({reason(e)})") from None
 
 
-def npz_array(npz, path: Path, key: str, shape: tuple[int | None, ...], note: str = "") -> np.ndarray:
+def npz_array(npz, path: Path, key: str, shape: tuple[int | None, ...], note: str = "",
+              voxels: bool = False) -> np.ndarray:
     """`npz[key]` (from `open_npz(path)`), present, readable and checked as by `check_array`."""
     if key not in npz.files:
         raise DataError(f"{path}: no key {key!r} (has {sorted(npz.files)})")
@@ -76,7 +107,7 @@ def npz_array(npz, path: Path, key: str, shape: tuple[int | None, ...], note: st
         a = npz[key]
     except Exception as e:  # noqa: BLE001 - a truncated or corrupt member
         raise DataError(f"{path}: key {key!r} unreadable ({reason(e)})") from None
-    return check_array(a, f"{path}: key {key!r}", shape, note)
+    return check_array(a, f"{path}: key {key!r}", shape, note, voxels)
 
 
 @dataclass

@@ -22,8 +22,9 @@ train and val: one sample per training image with its arr_0 rows as repeats; val
 of them (default 50), chosen by `data.convert.common.carve_val`. test: one sample per test
 image with all its arr_1 trials as repeats. image_id: training image i -> i, test image j ->
 n_train_images + j (alike for every subject). Voxels are z-scored per voxel with the mean and
-standard deviation of the train split's trials (val and test trials left out), stored float16.
-Images as PNG; no labels, no captions.
+standard deviation of the train split's trials (val and test trials left out), stored float16;
+arr_0 and arr_1 must hold numbers (integers are fine: they are z-scored), else a one-line error
+names the file and key. Images as PNG; no labels, no captions.
 """
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def _groups(index: np.ndarray) -> dict[int, np.ndarray]:
 def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
     path, images_path = args.root / f"sbj_{args.subject}.npz", args.root / "images_256.npz"
     npz = open_npz(path)
-    train = npz_array(npz, path, "arr_0", (None, None))
+    train = npz_array(npz, path, "arr_0", (None, None), voxels=True)
     v = train.shape[1]
-    test = npz_array(npz, path, "arr_1", (None, v), "as many voxels as arr_0")
+    test = npz_array(npz, path, "arr_1", (None, v), "as many voxels as arr_0", voxels=True)
     masks = _masks(npz, path, v)
     if not masks.get(args.roi, np.zeros(1, bool)).any():
         raise DataError(f"{path}: no ROI mask {args.roi!r} with voxels, for --roi (has {sorted(masks)})")

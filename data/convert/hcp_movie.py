@@ -17,7 +17,7 @@ neighbouring TRs are near copies of each other. One sample per TR (voxels [1, V]
 run * 100000 + t (alike for every subject). labels: the C-vector (categories: the class names);
 captions: [the names of the present classes joined by ", "]. Voxels are z-scored per voxel with
 the mean and standard deviation of the train split's samples (val and test left out), stored
-float16. Frames as PNG. The folder's common_space is true.
+float16 (the .npy files must hold numbers; integers are fine). Frames as PNG. The folder's common_space is true.
 """
 from __future__ import annotations
 
@@ -70,7 +70,8 @@ def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
         frames, labels[run] = _stimulus(args.root, run, len(classes))  # frames read to check them, then dropped
         n_voxels = voxels[RUNS[0]].shape[1] if voxels else None
         note = f"a row per frame of stimuli/MOVIE{run}.npz" + (", as many voxels as MOVIE1.npy" if voxels else "")
-        voxels[run] = load_npy(args.root / str(args.subject) / f"MOVIE{run}.npy", (len(frames), n_voxels), note)
+        voxels[run] = load_npy(args.root / str(args.subject) / f"MOVIE{run}.npy", (len(frames), n_voxels), note,
+                               voxels=True)
         kept = [t for t in range(len(frames) - args.delay) if labels[run][t].any()]
         skipped += max(0, len(frames) - args.delay) - len(kept)
         if run == TEST_RUN:

@@ -8,7 +8,8 @@ Input layout of `--root` (`--subject` is the HCP subject id, e.g. 100307):
 Output: voxels V1, V2, V3, V4 side by side (the manifest's ROIs), every subject in one common
 space (the folder's common_space is true; each file is checked on its own, not against the
 other subjects'). Each voxel is z-scored over all the run's TRs, as MinD-Vis does (resting
-state has no stimulus whose test responses the statistics could leak), then consecutive
+state has no stimulus whose test responses the statistics could leak; the four arrays must hold
+numbers, integers being fine), then consecutive
 windows of `--window` TRs (default 10; trailing TRs that fill no window are dropped) are
 averaged into one sample each (voxels [1, V], stored float16): 120 from 1200 TRs. Splits are contiguous in time: train first, then val
 (`--val-fraction` of the windows, default 0.1), then test (`--test-fraction`, default 0.1).
@@ -47,7 +48,7 @@ def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
     parts = []
     for roi in ROIS:
         n_trs = parts[0].shape[0] if parts else None
-        parts.append(npz_array(npz, path, roi, (n_trs, None), "as many TRs as V1" if parts else ""))
+        parts.append(npz_array(npz, path, roi, (n_trs, None), "as many TRs as V1" if parts else "", voxels=True))
     rois, start = {}, 0
     for roi, part in zip(ROIS, parts):
         rois[roi], start = list(range(start, start + part.shape[1])), start + part.shape[1]

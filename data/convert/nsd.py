@@ -11,7 +11,8 @@ Files read under `--root` (the layout of NSD's own download):
         masked (750, V)), or betas_sessionNN.nii.gz ((X, Y, Z, 750))
     COCO's captions_{train,val}2017.json and instances_{train,val}2017.json under `--coco`.
 
-Voxels are ordered as numpy orders `mask > 0` on the NIfTI grid (x, y, z). Each session is
+Every session file is checked (its header: shape, trial count, numeric betas) before any is
+read. Voxels are ordered as numpy orders `mask > 0` on the NIfTI grid (x, y, z). Each session is
 z-scored per voxel with the mean and standard deviation of its trials that show none of the
 shared-1000 images. One sample per image holds all its trials ([n_repeats, V]); the test
 split is the shared images seen 3 times in the converted sessions (shared images seen fewer
@@ -34,7 +35,7 @@ import scipy.io
 from tqdm import tqdm
 
 from data.convert.coco import coco_annotations
-from data.convert.common import carve_val, require, voxel_stats
+from data.convert.common import carve_val, check_voxels, require, voxel_stats
 from data.convert.output import SplitSource, SubjectSource
 from data.files import atomic_write_text
 from data.shards import DataError, Sample
@@ -102,15 +103,17 @@ class _Session:
                 with h5py.File(self.path, "r") as f:
                     if "betas" not in f:
                         raise DataError(f"{self.path}: no dataset 'betas'")
-                    shape = f["betas"].shape
+                    shape, dtype = f["betas"].shape, f["betas"].dtype
                 self.n_trials, self.grid = shape[0], tuple(shape[1:][::-1])
             else:
-                shape = nib.load(self.path).shape
+                image = nib.load(self.path)
+                shape, dtype = image.shape, image.get_data_dtype()
                 self.n_trials, self.grid = shape[-1], tuple(shape[:-1])
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001
             raise DataError(f"{self.path}: cannot be read ({type(e).__name__}: {e}); truncated or not a beta file?") from None
+        check_voxels(dtype, f"{self.path}: {'dataset betas' if self.path.suffix == '.hdf5' else 'the volume'}")
         return shape
 
     def read(self) -> np.ndarray:

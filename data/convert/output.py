@@ -12,9 +12,16 @@ one. Shard boundaries depend only on the bytes written since the shard opened, a
 stream is in a fixed order, so the result is byte-identical to an uninterrupted run. A
 subject enters the manifest only when all its splits are written: until then nothing in
 the folder claims to be complete.
+
+Checks before anything is written: a folder whose manifest comes from another converter (another
+dataset, or another version) or disagrees with the subject (categories, common space) is refused,
+and so is a subject already in it. A failed write (a full disk) is one OSError naming the shards
+being written; the completed shards stay, so the rerun resumes. Scratch that holds nothing to
+resume is removed when a conversion fails on bad input (`abandon`).
 """
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import shutil
@@ -44,6 +51,7 @@ from data.shards import (
 class SplitSource:
     n_samples: int
     samples: Callable[[int], Iterator[Sample]]  # the split's samples from index `start` on, in a fixed order
+    keys: list[str] | None = None  # every sample's key, if not `sample_key` (a split showing an image twice)
 
 
 @dataclass
@@ -123,18 +131,49 @@ def _kept_shards(out: Path, state: _State, split: str, prefix: str) -> dict[str,
     return kept
 
 
+def _manifest(out: Path) -> dict | None:
+    """The folder's manifest, None if it has none."""
+    path = Path(out) / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = read_json(path, DataError, "manifest")
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("subjects", {}), dict):
+        raise DataError(f"{path}: not a manifest of converted data (no subjects object)")
+    return manifest
+
+
+def check_folder(out: Path, dataset: str, subject: int, converter: dict) -> None:
+    """Refuse, before anything is written, a folder whose manifest records another converter
+    (another dataset, or another version of this one's converter)."""
+    manifest = _manifest(out)
+    if manifest is None:
+        if Path(out).exists() and not Path(out).is_dir():
+            raise DataError(f"{out}: not a folder")
+        return
+    theirs = manifest.get("converter") if isinstance(manifest.get("converter"), dict) else {}
+    if (theirs.get("name"), theirs.get("version")) != (converter["name"], converter["version"]):
+        raise DataError(f"{out}: holds dataset {manifest.get('dataset')!r} (converter {theirs.get('name')} version "
+                        f"{theirs.get('version')}), not {dataset} ({converter['name']} version {converter['version']}); "
+                        f"convert {dataset} subject {subject} into another folder")
+
+
+def _check_manifest(out: Path, manifest: dict, source: SubjectSource, converter: dict) -> None:
+    version = {"name": converter["name"], "version": converter["version"]}
+    for key, mine in (("format", FORMAT), ("dataset", source.dataset), ("converter", version),
+                      ("categories", source.categories), ("common_space", source.common_space)):
+        if manifest.get(key) != mine:
+            raise DataError(f"{out / MANIFEST}: {key} is {manifest.get(key)!r}, but subject {source.subject} has "
+                            f"{mine!r}; convert it into another folder")
+
+
 def _merge_manifest(out: Path, source: SubjectSource, entry: dict, shards: dict, converter: dict) -> None:
     version = {"name": converter["name"], "version": converter["version"]}
     with FileLock(str(out / MANIFEST) + ".lock"):
         path = out / MANIFEST
-        manifest = read_json(path, DataError, "manifest") if path.is_file() else {
+        manifest = _manifest(out) or {
             "format": FORMAT, "dataset": source.dataset, "converter": version, "categories": source.categories,
             "common_space": source.common_space, "subjects": {}, "shards": {}}
-        for key, mine in (("format", FORMAT), ("dataset", source.dataset), ("converter", version),
-                          ("categories", source.categories), ("common_space", source.common_space)):
-            if manifest.get(key) != mine:
-                raise DataError(f"{path}: {key} is {manifest.get(key)!r}, but subject {source.subject} has {mine!r}; "
-                                "convert it into another folder")
+        _check_manifest(out, manifest, source, converter)
         manifest["subjects"][str(source.subject)] = entry
         manifest["shards"].update(shards)
         manifest["subjects"] = dict(sorted(manifest["subjects"].items(), key=lambda kv: int(kv[0])))
@@ -143,8 +182,8 @@ def _merge_manifest(out: Path, source: SubjectSource, entry: dict, shards: dict,
 
 
 def converted(out: Path, subject: int) -> bool:
-    path = Path(out) / MANIFEST
-    return path.is_file() and str(subject) in read_json(path, DataError, "manifest").get("subjects", {})
+    manifest = _manifest(out)
+    return manifest is not None and str(subject) in manifest.get("subjects", {})
 
 
 def begin(out: Path, subject: int, converter: dict) -> Path:
@@ -155,15 +194,50 @@ def begin(out: Path, subject: int, converter: dict) -> Path:
     return work
 
 
+def abandon(out: Path, subject: int, created: bool = False) -> None:
+    """After a conversion failed: remove its unfinished shards (temporary files a rerun would
+    remove anyway) and its scratch folder if it holds nothing to resume (no completed shard, no
+    file but the state), then the folders left empty (`out` itself only if this run `created` it)."""
+    out = Path(out)
+    for tmp in (out / subject_dir(subject)).glob(".*.tar.tmp*"):
+        tmp.unlink()
+    work = out / ".convert" / subject_dir(subject)
+    state = work / "state.json"
+    if work.is_dir() and {p.name for p in work.iterdir()} <= {"state.json"}:
+        try:
+            splits = read_json(state, DataError, "conversion state").get("splits") if state.is_file() else None
+        except DataError:
+            splits = None
+        if not splits:
+            shutil.rmtree(work)
+    for folder in (out / subject_dir(subject), out / ".convert", *([out] if created else [])):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def _naming(e: OSError, path: Path) -> OSError:
+    """A failed write that names no file (a full disk: the tar's file object raises it) as one naming `path`."""
+    if e.filename is None and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EIO):
+        return OSError(e.errno, e.strerror, str(path))
+    return e
+
+
 def write_subject(out: Path, source: SubjectSource, converter: dict, max_bytes: int = 1 << 30,
                   workers: int = 1) -> dict:
     """Write the subject's shards into `out` and add it to the manifest; returns its entry.
 
     `converter` ({"name", "version", "args"}) is recorded; a rerun with the same one resumes.
+    The folder's manifest is checked against the subject before anything is written.
     """
     out = Path(out)
-    if converted(out, source.subject):
-        raise DataError(f"{out / MANIFEST}: subject {source.subject} is already converted; nothing was changed")
+    manifest = _manifest(out)
+    if manifest is not None:
+        _check_manifest(out, manifest, source, converter)
+        if str(source.subject) in manifest.get("subjects", {}):
+            raise DataError(f"{out / MANIFEST}: subject {source.subject} is already converted; nothing was changed")
+    for split, src in source.splits.items():
+        if src.keys is not None and len(src.keys) != src.n_samples:
+            raise ValueError(f"split {split}: {len(src.keys)} keys for {src.n_samples} samples")
     work = begin(out, source.subject, converter)
     state = _State(work / "state.json", converter)
     splits, shards = {}, {}
@@ -173,12 +247,19 @@ def write_subject(out: Path, source: SubjectSource, converter: dict, max_bytes: 
         done = sum(r["n_samples"] for r in kept.values())
         writer = ShardWriter(out, prefix, max_bytes, first_index=len(kept),
                              on_close=lambda rel, record, split=split: state.add(split, rel, record))
-        with tqdm(total=src.n_samples, initial=done, desc=f"subject {source.subject} {split}", unit="sample",
-                  mininterval=2) as bar:
-            for key, fields in _encoded(src.samples(done), workers):
-                writer.write_encoded(key, fields)
-                bar.update()
-        written = {**kept, **writer.close()}
+        keys = iter(src.keys[done:]) if src.keys is not None else None
+        try:
+            with tqdm(total=src.n_samples, initial=done, desc=f"subject {source.subject} {split}", unit="sample",
+                      mininterval=2) as bar:
+                for key, fields in _encoded(src.samples(done), workers):
+                    writer.write_encoded(key if keys is None else next(keys), fields)
+                    bar.update()
+            written = {**kept, **writer.close()}
+        except OSError as e:
+            named = _naming(e, out / f"{prefix}-*.tar")
+            if named is e:
+                raise
+            raise named from e
         n = sum(r["n_samples"] for r in written.values())
         if n != src.n_samples:
             raise DataError(f"{out / prefix}: wrote {n} samples, the source announced {src.n_samples}")

@@ -21,14 +21,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from data.clip_weights import config_weights
+from data.subject_data import SubjectData
 from data.targets import cached_targets
-from eval.metrics import hamming_loss, multilabel_auc, multilabel_map
 from models.clip_levels import build_clip_levels
 from models.clip_mused import CLIPMUSED
+from models.scores import hamming_loss, multilabel_auc, multilabel_map
 from train import distributed
+from train.components.precision import engine_dtype
 from train.config import ConfigError, DataConfig, RunConfig
 from train.losses import orthogonality_loss, rsa_loss
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.recipe import HeldOutScores, PredictsLabels, Trained
 
 
 @dataclass
@@ -109,7 +111,9 @@ class Config(RunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class Recipe:
+class Recipe(Trained, HeldOutScores, PredictsLabels):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.device = cfg, device
         c = cfg.clip
@@ -173,9 +177,6 @@ class Recipe:
         probs = [forward(*self._inputs(voxels[i : i + step], arrays.subjects[i : i + step], dtype))[2].float().sigmoid().cpu()
                  for i in range(0, len(voxels), step)]
         return torch.cat(probs), arrays.labels
-
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        return self.score(engine, split, engine_dtype(engine))
 
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Per-subject mAP, ROC AUC and Hamming loss, and their means over subjects ("map", ...)."""

@@ -17,6 +17,7 @@ RUN/reconstructions` scores them.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
@@ -25,26 +26,26 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
+from data.diffusers_weights import check_ldm_folder, ldm_noise_schedule, load_ldm_unet, load_vae
+from data.subject_data import SubjectData
 from data.targets import TargetTable, cached_targets
 from models.fmri_ldm import (
     FMRILDM,
-    check_folder,
-    load_unet,
-    noise_schedule,
     sample,
     sampler,
     set_trainable,
     tiny_unet,
     vae_factor,
 )
-from models.image_variation import load_vae
+from models.image_variation import stimulus_latents
 from models.mbm import MaskedBrainModel
 from train import distributed
-from train.config import ConfigError, RunConfig
-from train.recipes.mbm import ModelConfig, build_encoder, load_pretrained_encoder
-from train.recipes.mindeye_lowlevel import vae_latents
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.components.mbm_encoder import ModelConfig, build_encoder, load_pretrained_encoder
+from train.components.precision import engine_dtype
+from train.config import ConfigError, GenerationKeys, RunConfig
+from train.recipe import Generates, HeldOutScores, Trained
 
+logger = logging.getLogger(__name__)
 
 @dataclass
 class EncoderConfig:
@@ -64,7 +65,7 @@ class LDMConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(GenerationKeys):
     scheduler: str = "plms"  # "plms" (PNDM, no Runge-Kutta steps) or "ddim" (eta 0)
     steps: int = 250
     n_samples: int = 5  # images per test scan, written as <test id>_<g>.png (<test id>.png when 1)
@@ -94,7 +95,9 @@ def encoder_architecture(mae: MaskedBrainModel) -> dict:
             "heads": block.self_attn.num_heads, "mlp_ratio": block.linear1.out_features / dim}
 
 
-class Recipe:
+class Recipe(Trained, HeldOutScores, Generates):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.rank, self.device = cfg, rank, device
         for key in ("encoder.checkpoint", "ldm.weights"):
@@ -102,9 +105,9 @@ class Recipe:
                 raise ConfigError(f"{key} is not set: give a local path, or 'random' (tests and the simulated dataset)")
         ldm = cfg.ldm
         if ldm.weights != "random":  # missing files fail before any work
-            check_folder(ldm.weights, "ldm.weights")
+            check_ldm_folder(ldm.weights, "ldm.weights")
         try:
-            self.schedule = noise_schedule(ldm.weights)
+            self.schedule = ldm_noise_schedule(ldm.weights)
             sampler(cfg.generation.scheduler, self.schedule)
         except ValueError as e:
             raise ConfigError(str(e)) from None
@@ -119,7 +122,7 @@ class Recipe:
         encoder = encoder or self._built_encoder()
         try:
             unet = (tiny_unet(ldm.context_dim, side, channels, ldm.seed) if ldm.weights == "random"
-                    else load_unet(ldm.weights, "ldm.weights", ldm.context_dim, weights=train))
+                    else load_ldm_unet(ldm.weights, "ldm.weights", ldm.context_dim, weights=train))
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if unet.config.in_channels != channels:
@@ -130,8 +133,8 @@ class Recipe:
         self.train_schedule = DDPMScheduler.from_config(self.schedule)
         if train:
             if rank == 0:
-                print(f"voxel fit: subject {self.data.subject} has {self.data.n_voxels} voxels, the encoder "
-                      f"{self.model.n_voxels}: {self.voxel_fit}", flush=True)
+                logger.info("voxel fit: subject %d has %d voxels, the encoder %d: %s", self.data.subject,
+                            self.data.n_voxels, self.model.n_voxels, self.voxel_fit)
             self.latents  # noqa: B018 (computed and cached before training)
             self.loader = self.data.loader(rank, world)
 
@@ -155,7 +158,7 @@ class Recipe:
     def latents(self) -> TargetTable:
         """Scaled VAE latents (posterior means) of every stimulus the subject saw."""
         ldm = self.cfg.ldm  # the low-level branch's encoding and cache key: one cache for both recipes
-        return cached_targets(partial(vae_latents, self.vae, ldm.image_size),
+        return cached_targets(partial(stimulus_latents, self.vae, ldm.image_size),
                               {"kind": "vae", "weights": ldm.weights, "seed": ldm.seed, "size": ldm.image_size},
                               self.root, self.manifest, self.cfg.data.subject, self.data.cache, ldm.vae_batch_size,
                               "VAE latents")
@@ -169,9 +172,6 @@ class Recipe:
         eps = engine(batch["voxels"].to(self.device, dtype), noisy.to(dtype), t)
         loss = F.mse_loss(eps.float(), noise)
         return loss, {"loss": distributed.mean(loss.detach()).item()}
-
-    def evaluate(self, engine, split: str) -> dict:
-        return self.score(engine, split, engine_dtype(engine))
 
     @torch.no_grad()
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict:

@@ -20,18 +20,19 @@ two maskings of the same sample and of different samples.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from eval.checkpoint import CheckpointError, load_checkpoint
-from models.mbm import MaskedBrainModel, fit_voxels, voxel_fit
+from data.subject_data import SubjectData
+from models.mbm import fit_voxels, voxel_fit
 from train import distributed
+from train.components.mbm_encoder import ModelConfig, build_encoder
+from train.components.precision import engine_dtype
 from train.config import ConfigError, DataConfig, RunConfig
 from train.losses import info_nce
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.recipe import HeldOutScores, Trained
 
 
 @dataclass
@@ -39,21 +40,6 @@ class PretrainDataConfig(DataConfig):
     subjects: list[int] = field(default_factory=list)  # pretraining subjects; empty: every subject not held out
     heldout_subjects: list[int] = field(default_factory=list)  # scored, never trained on; empty: score the
     # pretraining subjects' own val/test splits
-
-
-@dataclass
-class ModelConfig:  # models.mbm.MaskedBrainModel's arguments; defaults: MinD-Vis on HCP V1-V4
-    n_voxels: int = 0  # encoder input; 0: the first pretraining subject's count (saved resolved)
-    patch_size: int = 16
-    dim: int = 1024
-    depth: int = 24
-    heads: int = 16
-    mlp_ratio: float = 1.0
-    decoder_dim: int = 512
-    decoder_depth: int = 8
-    decoder_heads: int = 16
-    mask_ratio: float = 0.75
-    checkpoint_blocks: bool = False  # activation checkpointing per transformer block
 
 
 @dataclass
@@ -78,27 +64,9 @@ class Config(RunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-def build_encoder(model_cfg: DictConfig) -> MaskedBrainModel:
-    return MaskedBrainModel(**OmegaConf.to_container(model_cfg))
+class Recipe(Trained, HeldOutScores):
+    Config = Config
 
-
-def load_pretrained_encoder(path: str, flag: str) -> MaskedBrainModel:
-    """The fMRI masked autoencoder of a pretraining run (this recipe, or phase 2, whose fMRI
-    model's weights sit under `fmri.`): a run folder or a checkpoint folder.
-    `flag` is the config key that gave `path`, named in errors."""
-    try:
-        ckpt = load_checkpoint(Path(path))
-    except CheckpointError as e:
-        raise CheckpointError(f"{e} (set {flag})") from None
-    state = ckpt.state
-    if any(k.startswith("fmri.") for k in state):
-        state = {k.removeprefix("fmri."): v for k, v in state.items() if k.startswith("fmri.")}
-    model = build_encoder(ckpt.cfg.model)
-    model.load_state_dict(state)
-    return model
-
-
-class Recipe:
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.device = cfg, device
         d = cfg.data
@@ -139,9 +107,6 @@ class Recipe:
             parts["cross_contrast"] = info_nce(a, b, w.temperature)
         loss = sum(w[k] * v for k, v in parts.items())
         return loss, {k: distributed.mean(v.detach()).item() for k, v in {"loss": loss, **parts}.items()}
-
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        return self.score(engine, split, engine_dtype(engine))
 
     @torch.no_grad()
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:

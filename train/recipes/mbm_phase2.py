@@ -27,14 +27,17 @@ from dataclasses import dataclass, field
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from data.pretrained_weights import load_image_mae
+from data.subject_data import SubjectData
 from data.targets import cached_targets, stimuli_at
 from models.cross_mae import PARTS, CrossModalMAE
-from models.image_mae import build_image_mae, normalize_images
+from models.image_mae import normalize_images
 from models.mbm import fit_voxels, voxel_fit
 from train import distributed
+from train.components.mbm_encoder import ModelConfig, build_encoder, load_pretrained_encoder
+from train.components.precision import engine_dtype
 from train.config import ConfigError, RunConfig
-from train.recipes.mbm import ModelConfig, build_encoder, load_pretrained_encoder
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.recipe import HeldOutScores, Trained
 
 # `model` keys that are the fMRI architecture (the rest are phase-2 settings)
 ARCH_KEYS = ("n_voxels", "patch_size", "dim", "depth", "heads", "mlp_ratio", "decoder_dim", "decoder_depth",
@@ -94,7 +97,9 @@ class Config(RunConfig):
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-class Recipe:
+class Recipe(Trained, HeldOutScores):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.device = cfg, device
         for key in ("pretrained.fmri", "image_mae.weights"):
@@ -106,7 +111,7 @@ class Recipe:
         im = cfg.image_mae
         arch = {k: v for k, v in OmegaConf.to_container(im).items() if k not in ("weights", "seed", "cache_batch_size")}
         try:  # first: missing files fail fast
-            image = build_image_mae(im.weights, "image_mae.weights", im.seed, **arch)
+            image = load_image_mae(im.weights, "image_mae.weights", im.seed, **arch)
         except ValueError as e:  # a file that is not a fitting MAE checkpoint: one line naming it
             raise ConfigError(str(e)) from None
         self.data = SubjectData(cfg)
@@ -155,9 +160,6 @@ class Recipe:
         parts = {"fmri_recon": out["fmri_mse"], "image_recon": out["image_mse"]}
         loss = w.fmri_recon * parts["fmri_recon"] + w.image_recon * parts["image_recon"]
         return loss, {k: distributed.mean(v.detach()).item() for k, v in {"loss": loss, **parts}.items()}
-
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        return self.score(engine, split, engine_dtype(engine))
 
     @torch.no_grad()
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:

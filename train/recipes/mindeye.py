@@ -6,47 +6,31 @@ directions, and by retrieval of prior-sampled image tokens.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from functools import cached_property
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from data.clip_weights import config_weights
-from data.targets import TargetTable, cached_targets
-from eval.metrics import retrieval
-from models.clip_image import build_clip_image
+from data.diffusers_weights import load_image_variation
+from data.subject_data import SubjectData
+from data.targets import TargetTable
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye import MindEye, MindEyeBackbone
 from train import distributed
-from train.config import ConfigError, RunConfig
-from train.engine import step_seed
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
+from train.components.precision import engine_dtype
+from train.components.retrieval import RetrievalConfig, retrieval_scores
+from train.components.seeding import step_seed
+from train.components.vae_source import vae_source
+from train.config import ConfigError, GenerationKeys, RunConfig
 from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.recipe import Embeds, HeldOutScores, PredictsLatents, RefinesLatents, Trained
 
-
-@dataclass
-class TinyViTConfig:
-    image_size: int = 64
-    patch_size: int = 16
-    width: int = 128
-    layers: int = 4
-    heads: int = 4
-    output_dim: int = 64
-
-
-@dataclass
-class ClipConfig:
-    arch: str = "ViT-L-14"  # open_clip architecture name
-    weights: str = ""  # local CLIP weights file (OpenAI, open_clip or Hugging Face), or "random" (tests, embedded default)
-    activation: str = "auto"  # "auto" (from the weights file: OpenAI's -> QuickGELU), "quick_gelu" or "gelu"
-    target: str = "tokens"  # "tokens" (257 x 768 for ViT-L/14) or "pooled" (1 x 768)
-    seed: int = 0  # initialisation of a random encoder
-    batch_size: int = 64
-    tiny: Optional[TinyViTConfig] = None  # architecture of a random encoder
-
+logger = logging.getLogger(__name__)
 
 @dataclass
 class ModelConfig:
@@ -84,24 +68,16 @@ class PriorConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(GenerationKeys):
     """Reconstruction (`python -m train.reconstruct`): predicted CLIP tokens -> images."""
     weights: str = ""  # local Versatile Diffusion folder (image_unet/, vae/, scheduler/), or "random"
     steps: int = 20  # UniPC steps
     guidance: float = 3.5
-    n_samples: int = 16  # per test image; the one whose CLIP tokens best match the brain's is kept
+    candidates: int = 16  # images generated per test image ...
+    n_samples: int = 1  # ... of which those whose CLIP tokens best match the brain's are kept, best first
     strength: float = 0.85  # img2img from the low-level image, when a low-level run is given
-    batch_size: int = 4  # test images per generation batch (x n_samples images through the UNet)
-    seed: int = 0
+    batch_size: int = 4  # test images per generation batch (each x n_samples images through the UNet)
     sample_size: int = 16  # latent side of a random pipeline (weights: random)
-
-
-@dataclass
-class EvalConfig:
-    n_way: int = 300
-    n_trials: int = 30
-    seed: int = 0
-    batch_size: int = 128
 
 
 @dataclass
@@ -112,35 +88,16 @@ class Config(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
-def clip_key(c: DictConfig) -> dict:
-    """What identifies the CLIP targets of `clip.*` in the target cache ("preprocess" names
-    MindEye 1's preprocessing, so that targets computed otherwise are never reused)."""
-    return {"arch": c.arch, "weights": c.weights, "activation": c.activation, "target": c.target, "seed": c.seed,
-            "tiny": OmegaConf.to_container(c.tiny) if c.tiny is not None else None, "preprocess": "mindeye1"}
+class Recipe(Trained, HeldOutScores, Embeds, RefinesLatents):
+    Config = Config
 
-
-def clip_encoder(c: DictConfig):
-    """The frozen CLIP image encoder of `clip.*` (random or loaded from `clip.weights`)."""
-    state, quick_gelu = config_weights(c.weights, c.activation, ConfigError)
-    k = clip_key(c)
-    try:
-        return build_clip_image(k["arch"], state, k["target"], quick_gelu, k["seed"], k["tiny"])
-    except ValueError as e:
-        raise ConfigError(str(e) if state is None else f"{c.weights}: {e} (clip.weights for clip.arch={c.arch})") from None
-
-
-def clip_targets(c: DictConfig, data: SubjectData, encoder) -> TargetTable:
-    """The subject's CLIP targets by `encoder` (`clip_encoder(c)`), computed once and cached."""
-    return cached_targets(encoder, clip_key(c), data.root, data.manifest, data.subject, data.cache, c.batch_size)
-
-
-class Recipe:
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         """`train=False` builds only what scoring needs (model, targets), not the batch stream."""
         self.cfg, self.rank, self.device = cfg, rank, device
+        self.lowlevel: PredictsLatents | None = None
         encoder = clip_encoder(cfg.clip)  # first: a missing file fails before the dataset is generated or read
         self.data = SubjectData(cfg)
         self.root, self.manifest = self.data.root, self.data.manifest
@@ -205,16 +162,14 @@ class Recipe:
 
     @torch.no_grad()
     def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32,
-                   prior: bool | None = None) -> dict[str, torch.Tensor]:
+                   prior: bool = False) -> dict[str, torch.Tensor]:
         """A split's retrieval pairs, on CPU: "brain" (projector outputs for repeat-averaged
         voxels, float32 [N, T, D]), "image" (CLIP targets) and "image_ids"; with `prior`
-        (default: when the prior is trained and `prior.eval_sampling`), also "backbone"
-        (backbone tokens) and "prior" (image tokens sampled by the prior).
+        (the prior trained), also "backbone" (backbone tokens) and "prior" (image tokens
+        sampled by the prior).
 
         `forward` is the DeepSpeed engine or the bare model; both return (backbone, projector).
         """
-        if prior is None:
-            prior = self.diffusion is not None and self.cfg.prior.eval_sampling
         arrays = self.data.split(split)
         voxels, step = arrays.repeat_mean(), self.cfg.eval.batch_size
         out: dict[str, list] = {"brain": [], "backbone": [], "prior": []}
@@ -228,16 +183,61 @@ class Recipe:
         pairs = {k: torch.cat(v) for k, v in out.items() if v}
         return {**pairs, "image": self.targets[arrays.image_ids], "image_ids": arrays.image_ids}
 
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        """Retrieval on a split (and, on test with the prior, of prior samples). Every rank runs
-        the same forwards (ZeRO-3 needs all ranks in step)."""
-        pairs = self.embeddings(engine, split, engine_dtype(engine), prior=None if split == "test" else False)
-        return self.score(pairs)
+    def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        """Retrieval on a split; on test with the prior (and `prior.eval_sampling`), also of
+        prior samples. Every rank runs the same forwards (ZeRO-3 needs all ranks in step)."""
+        prior = split == "test" and self.diffusion is not None and self.cfg.prior.eval_sampling
+        return retrieval_scores(self.embeddings(forward, split, dtype, prior), self.cfg.eval)
 
-    def score(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
-        e = self.cfg.eval
-        results = retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed)
-        if "prior" in pairs:
-            sampled = retrieval(pairs["prior"], pairs["image"], e.n_way, e.n_trials, e.seed)
-            results.update({f"prior_{k}": v for k, v in sampled.items() if k.startswith(("forward", "backward"))})
-        return results
+    def start_from(self, lowlevel: PredictsLatents) -> None:
+        """Generate by img2img (at `generation.strength`) from `lowlevel`'s predicted latents."""
+        gen = self.cfg.generation
+        theirs, ours = lowlevel.latent_source(), vae_source(gen.weights, gen.seed)
+        if theirs != ours:
+            logger.warning("the low-level run's VAE (%s) is not the generator's (%s); its latents are decoded with "
+                           "the latter", theirs, ours)
+        self.lowlevel = lowlevel
+
+    @cached_property
+    def _generator(self):
+        """(image-variation pipeline, CLIP encoder that picks the best candidate, the null
+        condition), loaded on first use."""
+        gen = self.cfg.generation
+        if gen.n_samples > gen.candidates:
+            raise ConfigError(f"generation.n_samples={gen.n_samples}: more than generation.candidates={gen.candidates}")
+        if self.diffusion is None:
+            raise ConfigError("prior.enabled: reconstruction needs a mindeye checkpoint trained with prior.enabled=true")
+        if not gen.weights:
+            raise ConfigError("generation.weights is not set: give a local Versatile Diffusion folder, or 'random'")
+        encoder = clip_encoder(self.cfg.clip).to(self.device)
+        pipe = load_image_variation(gen.weights, "generation.weights", self.targets.values.shape[-1], gen.seed,
+                                    gen.sample_size).to(self.device)
+        uncond = encoder(torch.full((1, 3, 224, 224), 0.5, device=self.device))  # a mid-grey image: the null condition
+        return pipe, encoder, uncond
+
+    @torch.no_grad()
+    def generate(self, voxels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Per sample: backbone tokens -> a prior sample of the CLIP image tokens ->
+        `generation.n_samples` candidates from the image-variation pipeline (img2img from the
+        low-level latents after `start_from`) -> the candidate whose CLIP tokens best match the
+        projector output first. Returns [B, generation.n_samples, 3, H, W]."""
+        pipe, encoder, uncond = self._generator
+        gen, images = self.cfg.generation, []
+        for v, seed in zip(voxels.to(self.device).split(1), seeds):
+            tokens, proj = self.model(v)
+            embeds = self.diffusion.sample(tokens, self.cfg.prior.guidance, torch.Generator(self.device).manual_seed(seed),
+                                           self.cfg.prior.sample_steps)
+            init = self.lowlevel.predict_latents(v) if self.lowlevel is not None else None
+            candidates = pipe(embeds, uncond, gen.steps, gen.guidance, init, gen.strength if init is not None else 1.0,
+                              gen.candidates, torch.Generator().manual_seed(seed))
+            features = encoder(candidates.flatten(0, 1)).unflatten(0, candidates.shape[:2])
+            images.append(candidates[0, best_of(features, proj, gen.n_samples)[0]])
+        return torch.stack(images)
+
+
+def best_of(candidates: torch.Tensor, reference: torch.Tensor, k: int = 1) -> torch.Tensor:
+    """Indices [B, k] of the k candidates [B, N, ...] most cosine-similar to their reference
+    [B, ...], most similar first."""
+    c = F.normalize(candidates.flatten(2).float(), dim=-1)
+    r = F.normalize(reference.flatten(1).float(), dim=-1)
+    return torch.einsum("bnd,bd->bn", c, r).topk(k, dim=1).indices

@@ -17,14 +17,18 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms import v2
 
-from data.targets import cached_targets, resize_stimuli, stimuli_at
-from models.convnext_features import build_convnext_features
-from models.image_variation import encode_images, load_vae
+from data.diffusers_weights import load_vae
+from data.pretrained_weights import load_convnext_features
+from data.subject_data import SubjectData
+from data.targets import cached_targets, stimuli_at
+from models.image_variation import decode_latents, stimulus_latents
 from models.lowlevel import LowLevelDecoder
 from train import distributed
-from train.config import ConfigError, RunConfig
+from train.components.precision import engine_dtype
+from train.components.vae_source import vae_source
+from train.config import ConfigError, GenerationKeys, RunConfig
 from train.losses import soft_contrastive
-from train.recipes.subject_data import SubjectData, engine_dtype
+from train.recipe import Generates, HeldOutScores, PredictsLatents, Trained
 
 
 @dataclass
@@ -78,6 +82,13 @@ class EvalConfig:
 
 
 @dataclass
+class GenerationConfig(GenerationKeys):
+    """`python -m train.reconstruct` on a low-level run writes its blurry images: the predicted
+    latents decoded by the VAE (one per test sample)."""
+    batch_size: int = 16
+
+
+@dataclass
 class Config(RunConfig):
     recipe: str = "mindeye_lowlevel"
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -85,10 +96,7 @@ class Config(RunConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-
-
-def vae_latents(vae, size: int, images: torch.Tensor) -> torch.Tensor:
-    return encode_images(vae, resize_stimuli(images, size))
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
 def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
@@ -96,18 +104,20 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
     return (ac * bc).sum(dim) / (ac.norm(dim=dim) * bc.norm(dim=dim)).clamp_min(1e-12)
 
 
-class Recipe:
+class Recipe(Trained, HeldOutScores, Generates, PredictsLatents):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.rank, self.device = cfg, rank, device
         for key in ("vae.weights", "teacher.weights"):
             if not OmegaConf.select(cfg, key):
                 raise ConfigError(f"{key} is not set: give a local weights path, or 'random'")
         v, t = cfg.vae, cfg.teacher
-        vae = load_vae(v.weights, "vae.weights", v.seed, v.image_size // 4)  # first: missing files fail fast
+        self.vae = vae = load_vae(v.weights, "vae.weights", v.seed, v.image_size // 4)  # first: missing files fail fast
         self.data = SubjectData(cfg)
         self.root, self.manifest = self.data.root, self.data.manifest
         s, cache = cfg.data.subject, self.data.cache
-        self.latents = cached_targets(partial(vae_latents, vae, v.image_size),
+        self.latents = cached_targets(partial(stimulus_latents, vae, v.image_size),
                                       {"kind": "vae", "weights": v.weights, "seed": v.seed, "size": v.image_size},
                                       self.root, self.manifest, s, cache, v.batch_size, "VAE latents")
         self.images = cached_targets(stimuli_at(t.image_size), {"kind": "images", "size": t.image_size}, self.root,
@@ -115,7 +125,7 @@ class Recipe:
         m = cfg.model
         latent_shape = tuple(self.latents.values.shape[1:])
         tiny = OmegaConf.to_container(t.tiny) if t.tiny is not None else None
-        self.teacher = build_convnext_features(t.arch, t.weights, t.stage, t.image_size, m.map_side, t.seed, tiny).to(device)
+        self.teacher = load_convnext_features(t.arch, t.weights, t.stage, t.image_size, m.map_side, t.seed, tiny).to(device)
         self.model = LowLevelDecoder(self.data.n_voxels, m.hidden, m.n_blocks, m.map_channels, m.map_side,
                                      tuple(m.decoder_channels), latent_shape[0], m.norm_groups, self.teacher.channels,
                                      m.feature_hidden, m.input_dropout, m.block_dropout, m.checkpoint_blocks)
@@ -155,8 +165,19 @@ class Recipe:
         pred = [forward(voxels[s : s + step].to(self.device, dtype))[0].float().cpu() for s in range(0, len(voxels), step)]
         return {"latents": torch.cat(pred), "target": self.latents[arrays.image_ids], "image_ids": arrays.image_ids}
 
-    def evaluate(self, engine, split: str) -> dict[str, float]:
-        return self.score(engine, split, engine_dtype(engine))
+    @torch.no_grad()
+    def predict_latents(self, voxels: torch.Tensor) -> torch.Tensor:
+        return self.model(voxels.to(self.device))[0].float()
+
+    def latent_source(self) -> dict:
+        return vae_source(self.cfg.vae.weights, self.cfg.vae.seed)
+
+    @torch.no_grad()
+    def generate(self, voxels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """The blurry reconstructions [B, 1, 3, H, W]: predicted latents decoded by the VAE
+        (deterministic: `seeds` are not needed)."""
+        self.vae.to(self.device)
+        return decode_latents(self.vae, self.predict_latents(voxels))[:, None]
 
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Scores of the latents `forward` predicts for a split: L1 (/ latent_scale);

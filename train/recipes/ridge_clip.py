@@ -11,11 +11,12 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from eval.metrics import retrieval
+from data.subject_data import SubjectData, roi_indices
 from models.ridge_decoder import RidgeDecoder
-from train.closed_form import ClosedFormConfig
-from train.recipes.mindeye import ClipConfig, EvalConfig, clip_encoder, clip_targets
-from train.recipes.subject_data import SubjectData, roi_indices
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
+from train.components.retrieval import RetrievalConfig, retrieval_scores
+from train.config import ClosedFormConfig
+from train.recipe import Embeds, Fitted, HeldOutScores
 
 
 @dataclass
@@ -24,10 +25,12 @@ class Config(ClosedFormConfig):
     run_dir: str = "runs/ridge_clip"
     roi: str = "all"  # "all" voxels, or an ROI of the manifest (e.g. "early", "ventral")
     clip: ClipConfig = field(default_factory=ClipConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
-class Recipe:
+class Recipe(Fitted, HeldOutScores, Embeds):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = False):
         self.cfg, self.device = cfg, device
         encoder = clip_encoder(cfg.clip).to(device)  # first: a missing file fails before the data is read
@@ -39,7 +42,7 @@ class Recipe:
         self.decoders = {"clip": (self.model, self.targets)}
 
     @torch.no_grad()
-    def embeddings(self, forward, split: str) -> dict[str, torch.Tensor]:
+    def embeddings(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """A split's retrieval pairs, on CPU: "brain" (predictions from repeat-averaged voxels),
         "image" (CLIP targets) and "image_ids"."""
         arrays = self.data.split(split)
@@ -47,9 +50,5 @@ class Recipe:
         brain = torch.cat([forward(voxels[s : s + step].to(self.device)).float().cpu() for s in range(0, len(voxels), step)])
         return {"brain": brain, "image": self.targets[arrays.image_ids], "image_ids": arrays.image_ids}
 
-    def score(self, pairs: dict[str, torch.Tensor]) -> dict[str, float]:
-        e = self.cfg.eval
-        return retrieval(pairs["brain"], pairs["image"], e.n_way, e.n_trials, e.seed)
-
-    def evaluate(self, model, split: str) -> dict[str, float]:
-        return self.score(self.embeddings(model, split))
+    def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
+        return retrieval_scores(self.embeddings(forward, split), self.cfg.eval)

@@ -20,18 +20,18 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from data.diffusers_weights import load_stable_diffusion
+from data.subject_data import SubjectData, roi_indices
 from data.targets import cached_targets
-from eval.metrics import pearson_matrix, two_way_identification
 from models.ridge_decoder import RidgeDecoder
+from models.scores import pearson_matrix, two_way_identification
 from models.stable_diffusion import (
     caption_embeddings,
     img2img,
-    load_stable_diffusion,
     vae_latents,
 )
-from train.closed_form import ClosedFormConfig
-from train.config import ConfigError
-from train.recipes.subject_data import SubjectData, roi_indices
+from train.config import ClosedFormConfig, ConfigError, GenerationKeys
+from train.recipe import Fitted, Generates, HeldOutScores
 
 
 @dataclass
@@ -44,14 +44,13 @@ class StableDiffusionConfig:
 
 
 @dataclass
-class GenerationConfig:
+class GenerationConfig(GenerationKeys):
     size: int = 512  # px of the decoded latent fed to img2img
     strength: float = 0.8
     steps: int = 50  # DDIM steps of the full schedule (strength x steps are run)
     guidance: float = 5.0
     n_samples: int = 5  # per test image
     batch_size: int = 2  # test images per pipeline call
-    seed: int = 0
 
 
 @dataclass
@@ -64,7 +63,9 @@ class Config(ClosedFormConfig):
     generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
-class Recipe:
+class Recipe(Fitted, HeldOutScores, Generates):
+    Config = Config
+
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = False):
         self.cfg, self.device = cfg, device
         sd = cfg.sd
@@ -89,7 +90,7 @@ class Recipe:
         self.uncond = caption_embeddings(self.pipe, [[""]])  # the empty prompt: guidance's unconditional pass
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, split: str) -> dict[str, float]:
+    def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Per decoder, on repeat-averaged voxels: two-way identification (%) of the predicted
         targets among the split's true ones, and the mean Pearson r of each prediction with
         its own target."""
@@ -97,7 +98,7 @@ class Recipe:
         voxels = arrays.repeat_mean().to(self.device)
         out: dict[str, float] = {}
         for name, (_, targets) in self.decoders.items():
-            predicted, truth = model[name](voxels).float().cpu(), targets[arrays.image_ids]
+            predicted, truth = forward[name](voxels).float().cpu(), targets[arrays.image_ids]
             out[f"{name}_two_way"] = two_way_identification(truth, predicted)
             out[f"{name}_r"] = pearson_matrix(truth, predicted).diagonal().mean().item()
         return out

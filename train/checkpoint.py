@@ -21,12 +21,13 @@ import torch
 from omegaconf import DictConfig
 
 from data.files import load_tensors
+from models.errors import InputError
 from models.mindeye1_keys import from_mindeye1, is_mindeye1
 from models.strict_load import load_strict
 from train import config
 
 
-class CheckpointError(FileNotFoundError):
+class CheckpointError(InputError):
     """No usable checkpoint where the user pointed; the message names the path."""
 
 

@@ -13,11 +13,7 @@ from data.datasets import cache_dir, resolve_dataset
 from data.loaders import MemoryLoader, StreamLoader
 from data.shards import MANIFEST, DataError, load_manifest
 from data.splits import SplitArrays, concat_splits, load_split, stream_split
-from train.config import ConfigError
-
-
-def engine_dtype(engine) -> torch.dtype:
-    return torch.bfloat16 if engine.bfloat16_enabled() else torch.float16 if engine.fp16_enabled() else torch.float32
+from models.errors import ConfigError
 
 
 class SubjectData:
