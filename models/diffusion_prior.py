@@ -174,10 +174,12 @@ class PriorNetwork(nn.Module):
 class PriorDiffusion:
     """The prior's diffusion process on diffusers' DDPMScheduler: cosine ("squaredcos_cap_v2")
     schedule, x0 prediction, condition dropout for training, ancestral sampling with optional
-    classifier-free guidance. Image tokens are scaled by sqrt(dim) inside the process."""
+    classifier-free guidance. Image tokens are scaled by sqrt(dim) inside the process when
+    `scale_targets` (MindEye 1); MindEye 2's prior diffuses the raw tokens."""
 
-    def __init__(self, net: PriorNetwork, dim: int, timesteps: int = 100, cond_drop_prob: float = 0.2):
-        self.net, self.scale, self.cond_drop_prob = net, dim ** 0.5, cond_drop_prob
+    def __init__(self, net: PriorNetwork, dim: int, timesteps: int = 100, cond_drop_prob: float = 0.2,
+                 scale_targets: bool = True):
+        self.net, self.scale, self.cond_drop_prob = net, dim ** 0.5 if scale_targets else 1.0, cond_drop_prob
         self.scheduler = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2",
                                        prediction_type="sample", clip_sample=False)
 

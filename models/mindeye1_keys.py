@@ -13,11 +13,8 @@ import re
 
 import torch
 
-_HIGH = [
-    (r"voxel2clip\.lin0\.", "backbone.trunk.stem."),
-    (r"voxel2clip\.mlp\.(\d+)\.", r"backbone.trunk.blocks.\1.net."),
-    (r"voxel2clip\.lin1\.", "backbone.to_clip."),
-    (r"voxel2clip\.projector\.", "backbone.projector."),
+# The DALL-E 2 prior network of both MindEyes (dalle2-pytorch's `PriorNetwork` under `net.`).
+PRIOR_RULES = [
     (r"net\.(learned_query|null_brain_embeds|null_image_embed)$", r"prior.\1"),
     (r"net\.to_time_embeds\.0\.1\.net\.0\.0\.", "prior.time_embedding.mlp.0."),
     (r"net\.to_time_embeds\.0\.1\.net\.1\.0\.", "prior.time_embedding.mlp.2."),
@@ -27,6 +24,13 @@ _HIGH = [
     (r"net\.causal_transformer\.layers\.(\d+)\.1\.([01])\.", r"prior.layers.\1.1.\2."),
     (r"net\.causal_transformer\.layers\.(\d+)\.1\.5\.", r"prior.layers.\1.1.4."),  # no post-activation norm here
     (r"net\.causal_transformer\.(norm|project_out)\.", r"prior.\1."),
+]
+_HIGH = [
+    (r"voxel2clip\.lin0\.", "backbone.trunk.stem."),
+    (r"voxel2clip\.mlp\.(\d+)\.", r"backbone.trunk.blocks.\1.net."),
+    (r"voxel2clip\.lin1\.", "backbone.to_clip."),
+    (r"voxel2clip\.projector\.", "backbone.projector."),
+    *PRIOR_RULES,
 ]
 _LOW = [
     # MindEye 1 saved its decoder on diffusers 0.13, whose attention blocks named the projections
@@ -41,7 +45,7 @@ _LOW = [
     (r"(norm|upsampler)\.", r"\1."),
     (r"maps_projector\.", "feature_projector."),
 ]
-_DROPPED = re.compile(r"(^|\.)(rotary_emb\.|noise_scheduler\.)|^image_embed_scale$")
+DROPPED = re.compile(r"(^|\.)(rotary_emb\.|noise_scheduler\.)|^image_embed_scale$")
 
 
 def is_mindeye1(state: dict) -> bool:
@@ -52,9 +56,16 @@ def from_mindeye1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A MindEye 1 state dict (high-level with prior, or low-level) in our key layout.
     A key that maps nowhere is an error naming it."""
     rules = _HIGH if any(k.startswith("voxel2clip.") for k in state) else _LOW
+    return map_keys(state, rules, "MindEye 1")
+
+
+def map_keys(state: dict[str, torch.Tensor], rules: list[tuple[str, str]], name: str) -> dict[str, torch.Tensor]:
+    """Each key renamed by the first rule whose pattern matches its start; the tensors that are
+    not weights (noise schedules, rotary frequencies) dropped. A key that maps nowhere is an
+    error naming it."""
     out = {}
     for key, value in state.items():
-        if _DROPPED.search(key):
+        if DROPPED.search(key):
             continue
         for pattern, target in rules:
             new, n = re.subn(f"^{pattern}", target, key)
@@ -62,5 +73,5 @@ def from_mindeye1(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                 out[new] = value
                 break
         else:
-            raise KeyError(f"MindEye 1 checkpoint key {key!r} has no counterpart in this project's models")
+            raise KeyError(f"{name} checkpoint key {key!r} has no counterpart in this project's models")
     return out

@@ -24,8 +24,23 @@ def mix_voxels(voxels: torch.Tensor, rng: np.random.Generator, prob: float = 0.5
 
     Returns (mixed voxels, perm, betas), betas = 1 where a sample is not mixed.
     """
+    return mix_within_subjects(voxels, torch.zeros(len(voxels), dtype=torch.long), rng, prob, alpha)
+
+
+def mix_within_subjects(voxels: torch.Tensor, subjects: torch.Tensor, rng: np.random.Generator, prob: float = 0.5,
+                        alpha: float = 0.15):
+    """MixCo voxel mixing in which every sample mixes with one of its own subject's: perm
+    indexes the whole batch, and perm(i) is a row of i's subject. (MindEye 2's multi-subject
+    code draws each subject's permutation over 0..b-1 and concatenates them without offsets, so
+    the soft labels of the later subjects' mixed samples point into the first subject's rows.)
+
+    Returns (mixed voxels, perm, betas) as `mix_voxels`; with one subject the two agree draw for draw.
+    """
     n = len(voxels)
-    perm = torch.from_numpy(rng.permutation(n))
+    perm = torch.arange(n)
+    for s in subjects.unique().tolist():
+        rows = (subjects == s).nonzero().flatten()
+        perm[rows] = rows[torch.from_numpy(rng.permutation(len(rows)))]
     betas = torch.from_numpy(rng.beta(alpha, alpha, n)).to(voxels.dtype)
     betas[torch.from_numpy(rng.random(n) >= prob)] = 1.0
     b = betas.to(voxels.device)[:, None]
