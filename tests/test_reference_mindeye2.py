@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from open_clip.transformer import VisionTransformer
 
+from models.clip_image import FrozenCLIPImage
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye1_keys import PRIOR_RULES, map_keys
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge
@@ -163,3 +165,22 @@ def test_bimixco_labels_of_mixed_samples_stay_inside_their_subject():
     a, b_ = mix_voxels(torch.randn(6, 8), np.random.default_rng(3)), mix_within_subjects(torch.randn(6, 8), same,
                                                                                          np.random.default_rng(3))
     assert torch.equal(a[1], b_[1]) and torch.equal(a[2], b_[2])  # one subject: MindEye 1's draws
+
+
+@pytest.mark.parametrize("size", ["224", "256", "64", "200x300"])
+@torch.no_grad()
+def test_bigg_patch_token_targets_and_their_preprocessing(size):
+    """MindEye 2's CLIP targets (sgm's FrozenOpenCLIPImageEmbedder, only_tokens) by a tiny ViT:
+    the model input (kornia's antialiased bicubic resize, (x + 1) / 2, normalisation) and the
+    patch tokens after ln_post, without CLS or projection."""
+    ref = load_reference("mindeye2_targets.pt.xz")
+    v = ref["tiny_config"]["vision_cfg"]
+    visual = VisionTransformer(image_size=v["image_size"], patch_size=v["patch_size"], width=v["width"],
+                               layers=v["layers"], heads=v["width"] // v["head_width"], mlp_ratio=v["mlp_ratio"],
+                               output_dim=ref["tiny_config"]["embed_dim"])
+    load_strict(visual, ref["visual_state_dict"])
+    encoder = FrozenCLIPImage(visual, "patch_tokens")
+    out = ref["outputs"][size]
+    close(encoder.preprocess(out["image"]), out["model_input"])
+    close(encoder(out["image"]), out["tokens"])
+    assert encoder.target_shape == tuple(out["tokens"].shape[1:])

@@ -30,7 +30,9 @@ class ClipConfig:
     arch: str = "ViT-L-14"  # open_clip architecture name
     weights: str = ""  # local CLIP weights file (OpenAI, open_clip or Hugging Face), or "random" (tests, embedded default)
     activation: str = "auto"  # "auto" (from the weights file: OpenAI's -> QuickGELU), "quick_gelu" or "gelu"
-    target: str = "tokens"  # "tokens" (257 x 768 for ViT-L/14) or "pooled" (1 x 768)
+    # "tokens" (257 x 768 for ViT-L/14) or "pooled" (1 x 768), as MindEye 1; "patch_tokens"
+    # (256 x 1664 for ViT-bigG/14), as MindEye 2
+    target: str = "tokens"
     seed: int = 0  # initialisation of a random encoder
     batch_size: int = 64
     tiny: Optional[TinyViTConfig] = None  # architecture of a random encoder
