@@ -28,7 +28,18 @@ demo-recon: install
 	OMP_NUM_THREADS=2 $(BIN)/python -m eval --checkpoint runs/demo --recons runs/demo/reconstructions \
 		--random-weights --extractors alexnet,inception --n-way-classifier inception --overwrite
 
-test: install
-	$(BIN)/python -m pytest -q -x -rs tests
+# DeepSpeed compiles its CPU shared-memory allreduce op on first use (about 40 s) into
+# TORCH_EXTENSIONS_DIR; one folder per environment, so that environments at other paths on the
+# same machine (which compile with other flags) do not make each other rebuild it.
+export TORCH_EXTENSIONS_DIR ?= $(abspath $(VENV))/torch_extensions
 
-.PHONY: install demo demo-recon test
+# The whole suite; test-fast leaves out the tests marked slow (training runs, launched
+# processes: see tests/conftest.py) and takes a few minutes. More pytest options:
+# make test PYTEST_ARGS="--durations=25".
+test: install
+	$(BIN)/python -m pytest -q -x -rs $(PYTEST_ARGS) tests
+
+test-fast: install
+	$(BIN)/python -m pytest -q -x -rs -m "not slow" $(PYTEST_ARGS) tests
+
+.PHONY: install demo demo-recon test test-fast

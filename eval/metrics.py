@@ -10,7 +10,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
-from torchmetrics.image.fid import FrechetInceptionDistance
 
 from eval.resize import resize
 from models.scores import MetricInputError, centred_rows, check_pair
@@ -176,6 +175,8 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
     for label, x in (("real", real), ("generated", fake)):
         if not torch.isfinite(x).all():
             raise MetricInputError(f"FID: the {label} features hold NaN or Inf values")
+    from torchmetrics.image.fid import FrechetInceptionDistance  # 2 s to import: on use
+
     metric = FrechetInceptionDistance(feature=_Precomputed(real.shape[-1]))
     metric.update(real.flatten(1).double(), real=True)
     metric.update(fake.flatten(1).double(), real=False)

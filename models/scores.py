@@ -13,10 +13,6 @@ import warnings
 
 import torch
 import torch.nn.functional as F
-from torchmetrics.functional.classification import (
-    multilabel_auroc,
-    multilabel_average_precision,
-)
 
 from models.errors import InputError
 
@@ -189,6 +185,8 @@ def multilabel_map(scores: torch.Tensor, labels: torch.Tensor) -> float:
     Deliberately different: sklearn (1.1 and later) gives a class without positives an AP of
     0, which the reference's mean then counts; its AP is undefined, so it is left out here.
     """
+    from torchmetrics.functional.classification import multilabel_average_precision  # 2 s to import: on use
+
     return _per_class_mean("mAP", multilabel_average_precision, scores, labels, need_negatives=False)
 
 
@@ -200,6 +198,8 @@ def multilabel_auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
     without both labels and keeps 1.0 for it, which inflates the mean; such a class's AUC is
     undefined, so it is left out here.
     """
+    from torchmetrics.functional.classification import multilabel_auroc  # 2 s to import: on use
+
     return _per_class_mean("ROC AUC", multilabel_auroc, scores, labels, need_negatives=True)
 
 

@@ -49,13 +49,14 @@ def suite_results(tmp_path_factory):
         {"name": "zero", "kind": "zero", "ranks": 2, "stages": [0, 1, 3], "overrides": TINY, **common},
         {"name": "loader", "kind": "pipeline", "train": 120, "epochs": 2, "target_shape": [17, 16], **common},
         {"name": "flops", "kind": "flops", "device": "H100", "overrides": TINY, **common},
-        {"name": "metrics", "kind": "image_metrics", "images": 4,
-         "extractors": ["alexnet", "inception", "clip", "effnet", "swav"]},  # ViT-H/14 would take minutes here
+        # Two extractors show the timing loop works (each extractor is tested in test_features.py);
+        # the other three add about 15 s, ViT-H/14 minutes.
+        {"name": "metrics", "kind": "image_metrics", "images": 4, "extractors": ["alexnet", "inception"]},
     ]}
     (tmp / "suite.yaml").write_text(yaml.safe_dump(suite))
     env_cache = {"FMRIDECODE_CACHE": str(tmp / "cache"), "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "benchmarks", "--suite", str(tmp / "suite.yaml"), "--out", str(tmp / "out")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900, env={**os.environ, **env_cache})
+                          cwd=ROOT, capture_output=True, text=True, timeout=1800, env={**os.environ, **env_cache})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     return tmp / "out", json.loads((tmp / "out/results.json").read_text()), done.stdout
 

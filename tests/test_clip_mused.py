@@ -4,11 +4,13 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
+from eval.main import main as eval_main
 from models.clip_mused import CLIPMUSED
 from tests.conftest import ROOT, SMALL_SIM, launch, train_losses
 from train import config
@@ -25,7 +27,7 @@ def _ok(result) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_native_space_subjects_train_together_alike_on_1_and_2_ranks_and_eval_reports_them(tmp_path):
+def test_native_space_subjects_train_together_alike_on_1_and_2_ranks_and_eval_reports_them(tmp_path, monkeypatch):
     """The RSA and orthogonality terms span the global batch, so 2 ranks give 1 rank's losses."""
     cache = tmp_path / "cache"
     runs = {1: tmp_path / "r1", 2: tmp_path / "r2"}
@@ -44,10 +46,8 @@ def test_native_space_subjects_train_together_alike_on_1_and_2_ranks_and_eval_re
     logged = {k for line in (runs[2] / "metrics.jsonl").read_text().splitlines() for k in json.loads(line)}
     assert {"bce", "orth", "rsa_hlv", "rsa_llv", "map/subj02"} <= logged
 
-    env = {**os.environ, "FMRIDECODE_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
-    report = subprocess.run([sys.executable, "-m", "eval", "--checkpoint", str(runs[2])], cwd=ROOT, capture_output=True,
-                            text=True, env=env)
-    _ok(report)
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))  # in-process: `python -m eval` runs in test_eval_cli.py
+    assert eval_main(["--checkpoint", str(runs[2])]) == 0
     scored = json.loads((runs[2] / "eval" / "results.json").read_text())
     assert scored["subjects"] == [1, 2]
     for key in ("map", "auc", "hamming", "map/subj01", "auc/subj02"):
@@ -89,11 +89,13 @@ def test_ablation_configs_change_only_their_keys():
 COMPARE = """
 import json, sys
 from train.main import main
-out, subjects = sys.argv[1], [int(s) for s in sys.argv[2:]]
-assert main(["--config", "train/configs/clip_mused_tiny.yaml", f"run_dir={out}/multi", "ds.bf16.enabled=false"]) == 0
-for s in subjects:
-    assert main(["--config", "train/configs/clip_mused_single_tiny.yaml", f"run_dir={out}/single{s}",
-                 f"data.subjects=[{s}]", "ds.bf16.enabled=false"]) == 0
+out, runs = sys.argv[1], sys.argv[2:]
+for run in runs:  # "multi", or the subject of a single-subject model
+    if run == "multi":
+        assert main(["--config", "train/configs/clip_mused_tiny.yaml", f"run_dir={out}/multi", "ds.bf16.enabled=false"]) == 0
+    else:
+        assert main(["--config", "train/configs/clip_mused_single_tiny.yaml", f"run_dir={out}/single{run}",
+                     f"data.subjects=[{run}]", "ds.bf16.enabled=false"]) == 0
 """
 
 
@@ -103,10 +105,14 @@ def test_multi_subject_model_beats_single_subject_models_on_mean_map(tmp_path):
     subjects 1-3 beats that of three single-subject models (each trained for more steps)
     by at least 0.02. Measured: 0.376 vs 0.315 (see the README table for all 9)."""
     subjects = [1, 2, 3]
-    env = {**os.environ, "FMRIDECODE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "2"}
-    result = subprocess.run([sys.executable, "-c", COMPARE, str(tmp_path), *map(str, subjects)], cwd=ROOT, env=env,
-                            capture_output=True, text=True, timeout=900)
-    _ok(result)
+    env = {**os.environ, "FMRIDECODE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    # Two processes side by side, one thread each: the 9-subject model, and the single-subject ones.
+    with ThreadPoolExecutor(2) as pool:
+        done = list(pool.map(lambda runs: subprocess.run([sys.executable, "-c", COMPARE, str(tmp_path), *runs], cwd=ROOT,
+                                                         env=env, capture_output=True, text=True, timeout=1800),
+                             [["multi"], [str(s) for s in subjects]]))
+    for result in done:
+        _ok(result)
     multi = json.loads((tmp_path / "multi" / "test_results.json").read_text())
     single = [json.loads((tmp_path / f"single{s}" / "test_results.json").read_text())["map"] for s in subjects]
     multi_mean = sum(multi[f"map/subj{s:02d}"] for s in subjects) / len(subjects)

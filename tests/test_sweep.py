@@ -39,6 +39,7 @@ def test_bad_sweeps_are_refused_before_anything_runs(args, expected, tmp_path, c
     assert not list(tmp_path.glob("*/*/config.yaml"))  # nothing ran
 
 
+@pytest.mark.slow  # sweep.main starts a training process per configuration
 def test_a_local_sweep_runs_each_configuration_then_summarises(tmp_path, cache, monkeypatch, capsys):
     monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -88,7 +89,7 @@ def test_a_two_node_deepspeed_hostfile_launch_trains_across_both(tmp_path, cache
                                "--master_addr", "127.0.0.1", "--master_port", port, "train/main.py", f"run_dir={run}",
                                *FAST], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
-    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    outputs = [node.communicate(timeout=1800)[0] for node in nodes]  # a hang guard
     assert [node.returncode for node in nodes] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     ds = json.loads((run / "ds_config.json").read_text())
     assert ds["train_micro_batch_size_per_gpu"] * 2 == ds["train_batch_size"]  # one rank on each node

@@ -4,11 +4,13 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
 
 from tests.conftest import SMALL_RUN, launch, train_losses
+from train import main
 
 # No dropout: the only difference between rank counts and ZeRO stages is the order of
 # floating-point reductions (and, in bf16, where rounding happens), so the first 20 losses
@@ -42,15 +44,17 @@ def test_first_20_losses_agree_across_rank_counts_and_zero_stages(precision, cac
             assert abs(a - b) <= RTOL[precision] * abs(a), f"{name}, {precision}, step {step}: {b} vs {a}"
 
 
-def test_killed_run_resumes_with_the_same_losses(cache, tmp_path):
+def test_killed_run_resumes_with_the_same_losses(cache, tmp_path, monkeypatch):
     args = [*SMALL_RUN, "ds.bf16.enabled=false", "train.epochs=6", "train.checkpoint_every=5"]
-    _ok(launch([f"run_dir={tmp_path / 'straight'}", *args], cache=cache))
-    straight = train_losses(tmp_path / "straight")
-    assert len(straight) == 36
+    # The uninterrupted run trains alongside the one to be killed (one rank and thread each).
+    uninterrupted = launch([f"run_dir={tmp_path / 'straight'}", *args], cache=cache, wait=False)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.append(uninterrupted.communicate()[0]))
+    reader.start()
 
     killed = tmp_path / "killed"
     proc = launch([f"run_dir={killed}", *args], cache=cache, wait=False)
-    deadline = time.time() + 300
+    deadline = time.time() + 1800
     while time.time() < deadline and proc.poll() is None:
         if (killed / "metrics.jsonl").exists() and max(train_losses(killed), default=0) >= 17:
             break
@@ -58,8 +62,13 @@ def test_killed_run_resumes_with_the_same_losses(cache, tmp_path):
     assert proc.poll() is None, "the run ended before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    reader.join()
+    assert uninterrupted.returncode == 0, output[0][-6000:]
+    straight = train_losses(tmp_path / "straight")
+    assert len(straight) == 36
     assert max(train_losses(killed)) < 36
-    assert launch([f"run_dir={killed}", *args], cache=cache).returncode == 2  # refuses to overwrite
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    assert main.main([f"run_dir={killed}", *args]) == 2  # refuses to overwrite (train/main.py's exit status)
     _ok(launch(["--resume", f"run_dir={killed}", *args], cache=cache))
     assert train_losses(killed) == straight  # exact
     results = [json.loads((d / "test_results.json").read_text()) for d in (tmp_path / "straight", killed)]
