@@ -8,7 +8,9 @@ so `--resume` replays the batches an uninterrupted run would have seen.
 - MemoryLoader (default): the split lives in memory; each epoch draws one global
   permutation from (seed, epoch) and rank r takes slice r of every global micro-batch.
   The global batch sequence does not depend on the number of ranks, so 1 rank and
-  N ranks see the same data.
+  N ranks see the same data. `balanced`: every global batch holds an equal share of each
+  subject (subject after subject), each subject in its own permutation; an epoch ends when
+  the smallest subject runs out.
 - StreamLoader: webdataset streaming with shard shuffling and per-node and per-worker
   splitting, for splits too large for memory. Its order depends on the number of ranks
   and workers; resuming replays the stream up to the saved step.
@@ -31,18 +33,35 @@ def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
 
 
 class MemoryLoader:
-    def __init__(self, split: SplitArrays, batch_size: int, grad_accum: int, rank: int, world: int, seed: int):
+    def __init__(self, split: SplitArrays, batch_size: int, grad_accum: int, rank: int, world: int, seed: int,
+                 balanced: bool = False):
         if batch_size % (grad_accum * world):
             raise ConfigError(f"train.batch_size={batch_size} is not divisible by train.grad_accum x ranks = {grad_accum * world}")
         self.split, self.batch_size, self.grad_accum, self.rank, self.world, self.seed = split, batch_size, grad_accum, rank, world, seed
         self.micro = batch_size // (grad_accum * world)
         self.steps_per_epoch = len(split) // batch_size
+        self.groups = [(split.subjects == s).nonzero().flatten() for s in split.subjects.unique()] if balanced else None
+        if balanced:
+            if batch_size % len(self.groups):
+                raise ConfigError(f"train.batch_size={batch_size} is not divisible by the {len(self.groups)} subjects "
+                                  "of a balanced batch")
+            self.share = batch_size // len(self.groups)
+            self.steps_per_epoch = min(len(g) for g in self.groups) // self.share
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(split)} training samples")
+            raise ConfigError(f"train.batch_size={batch_size} exceeds the {len(split)} training samples"
+                              + (" (an equal share per subject)" if balanced else ""))
+
+    def _order(self, g: torch.Generator) -> torch.Tensor:
+        """This epoch's sample order; global batch k is order[k * batch_size : (k + 1) * batch_size]."""
+        if self.groups is None:
+            return torch.randperm(len(self.split), generator=g)
+        perms = [group[torch.randperm(len(group), generator=g)] for group in self.groups]
+        steps = range(self.steps_per_epoch)
+        return torch.cat([p[k * self.share : (k + 1) * self.share] for k in steps for p in perms])
 
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict]]:
         g = _epoch_generator(self.seed, epoch)
-        order = torch.randperm(len(self.split), generator=g)
+        order = self._order(g)
         repeat = (torch.rand(len(self.split), generator=g) * self.split.n_repeats).long()
         for step in range(start_step, self.steps_per_epoch):
             micro_batches = []

@@ -86,6 +86,10 @@ class SplitArrays:
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    def head(self, n: int) -> "SplitArrays":
+        """The first n samples (in the split's order)."""
+        return SplitArrays(*(getattr(self, k)[:n] for k in ("voxels", "n_repeats", "image_ids", "labels", "subjects")))
+
     def repeat_mean(self) -> torch.Tensor:
         """Voxels averaged over each sample's repeats: float32 [N, V]."""
         return self.voxels.float().sum(1) / self.n_repeats[:, None].float()

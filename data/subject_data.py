@@ -2,6 +2,7 @@
 one subject, or of several mixed) and whole evaluation splits."""
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable
@@ -33,20 +34,31 @@ class SubjectData:
         for s in self.subjects:
             if str(s) not in self.manifest["subjects"]:
                 raise DataError(f"{self.root / MANIFEST}: no subject {s} (has {sorted(self.manifest['subjects'], key=int)})")
+        if len(set(self.subjects)) != len(self.subjects):
+            raise ConfigError(f"data.subjects: {self.subjects} lists a subject twice")
         self.subject: int = self.subjects[0]
+        # subject id -> its position in `subjects` (a per-subject layer's row), -1 for others
+        self.positions = torch.full((max(self.subjects) + 1,), -1, dtype=torch.long)
+        self.positions[self.subjects] = torch.arange(len(self.subjects))
         self.n_voxels: int = self.manifest["subjects"][str(self.subject)]["n_voxels"]
         self._splits: dict[tuple[str, int], SplitArrays] = {}
 
-    def loader(self, rank: int, world: int, fit: Callable[[torch.Tensor], torch.Tensor] | None = None):
+    def loader(self, rank: int, world: int, fit: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               balanced: bool = False, share: float = 1.0):
         """The training stream over every subject's train split. `fit` maps voxels [..., V] of
-        any subject to one count; without it, subjects that differ are zero-padded (memory)."""
+        any subject to one count; without it, subjects that differ are zero-padded (memory).
+        `balanced`: equal shares of every subject in each batch; `share`: only the first
+        `share` of each subject's training images (memory loader)."""
         d, t = self.cfg.data, self.cfg.train
         if d.loader == "memory":
             parts = [load_split(self.root, self.manifest, s, "train", d.verify_checksums) for s in self.subjects]
+            parts = [p.head(math.ceil(share * len(p))) for p in parts]
             if fit is not None:
                 parts = [replace(p, voxels=fit(p.voxels)) for p in parts]
             train = parts[0] if len(parts) == 1 else concat_splits(parts)
-            return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, self.cfg.seed)
+            return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, self.cfg.seed, balanced)
+        if balanced or share < 1:
+            raise ConfigError("data.loader: balanced batches and a training share need the 'memory' loader")
         if d.loader == "stream":
             counts = {self.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects}
             if len(counts) > 1 and fit is None:

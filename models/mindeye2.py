@@ -133,20 +133,21 @@ class MindEye2(nn.Module):
             return tokens, projected, blurry
         return tokens, projected, blurry, self.prior(noised, t, tokens, brain_keep, image_keep)
 
-    @torch.no_grad()
-    def repeat_average(self, voxels: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Test-time outputs as MindEye 2 computes them: every repeat [N, R, V] through the
-        model, then the outputs averaged ("tokens", "projected", and "latents" with the blurry
-        branch). A repeat that is all zeros (a sample seen fewer times) is left out; the
-        reference repeats an existing scan instead ([a, b, a] for two), which weighs one twice."""
-        sums: dict[str, torch.Tensor] = {}
-        present = (voxels != 0).any(-1).to(voxels.dtype)  # [N, R]
-        for r in range(voxels.shape[1]):
-            tokens, projected, blurry = self.backbone(self.ridge(voxels[:, r], rows))
-            outputs = {"tokens": tokens, "projected": projected, **({"latents": blurry[0]} if blurry else {})}
-            w = present[:, r]
-            for key, value in outputs.items():
-                weighted = value * w.view(-1, *[1] * (value.dim() - 1)).to(value.dtype)
-                sums[key] = sums[key] + weighted if key in sums else weighted
-        n = present.sum(1).clamp_min(1)
-        return {k: v / n.view(-1, *[1] * (v.dim() - 1)).to(v.dtype) for k, v in sums.items()}
+
+@torch.no_grad()
+def repeat_average(forward, voxels: torch.Tensor, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Test-time outputs as MindEye 2 computes them: every repeat [N, R, V] through `forward`
+    (a `MindEye2` or the engine around it), then the outputs averaged ("tokens", "projected",
+    and "latents" with the blurry branch). A repeat that is all zeros (a sample seen fewer
+    times) is left out; the reference repeats an existing scan instead ([a, b, a] for two),
+    which weighs one twice."""
+    sums: dict[str, torch.Tensor] = {}
+    present = (voxels != 0).any(-1)  # [N, R]
+    for r in range(voxels.shape[1]):
+        tokens, projected, blurry = forward(voxels[:, r], rows)[:3]
+        outputs = {"tokens": tokens, "projected": projected, **({"latents": blurry[0]} if blurry else {})}
+        for key, value in outputs.items():
+            w = present[:, r].to(value.device, value.dtype).view(-1, *[1] * (value.dim() - 1))
+            sums[key] = sums[key] + value * w if key in sums else value * w
+    n = present.sum(1).clamp_min(1)
+    return {k: v / n.to(v.device, v.dtype).view(-1, *[1] * (v.dim() - 1)) for k, v in sums.items()}

@@ -11,7 +11,7 @@ from open_clip.transformer import VisionTransformer
 from models.clip_image import FrozenCLIPImage
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye1_keys import PRIOR_RULES, map_keys
-from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge
+from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
 from models.mindeye2_keys import from_mindeye2, is_mindeye2
 from models.strict_load import load_strict
 from tests.conftest import load_reference
@@ -69,7 +69,7 @@ def test_ridge_layers_backbone_projector_and_blurry_branch_of_a_mixed_batch(mode
 def test_test_time_average_of_the_outputs_over_repeats(model):
     net, ref = model
     repeats = ref["repeats"]  # [N, 3, V] of subject 0
-    averaged = net.repeat_average(repeats, torch.zeros(len(repeats), dtype=torch.long))
+    averaged = repeat_average(net, repeats, torch.zeros(len(repeats), dtype=torch.long))
     close(averaged["tokens"], ref["averaged"]["backbone"])
     close(averaged["projected"], ref["averaged"]["clip_voxels"])
     close(averaged["latents"], ref["averaged"]["blurry_latents"])

@@ -19,7 +19,8 @@ from train.reconstruct import main as reconstruct_main
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = sorted((ROOT / "train" / "configs").glob("*_tiny.yaml"))
 SMALL = {"n_train": 40, "n_val": 8, "n_test": 12, "image_size": 32}  # every config's simulator, shrunk
-FAST = {"generation.steps": 2, "generation.candidates": 2, "prior.sample_steps": 2, "pretrained.fmri": "random"}
+FAST = {"generation.steps": 2, "generation.candidates": 2, "prior.sample_steps": 2, "pretrained.fmri": "random",
+        "init.checkpoint": "\"\"", "data.share": 1.0}  # no pretraining runs here; the shrunk splits whole
 EVAL = ["--device", "cpu", "--random-weights", "--extractors", "alexnet"]
 
 

@@ -4,8 +4,9 @@
 - a checkpoint folder (`RUN_DIR/checkpoints/step00000744`, or `RUN_DIR/checkpoints/ridge`
   holding a closed-form fit's `model.pt`);
 - a single weights file (`.pt`, `.pth`, `.bin`, e.g. a released model), with `--config`
-  giving the recipe YAML it was trained with. MindEye 1's released checkpoints are
-  recognised by their keys and mapped onto ours (models/mindeye1_keys.py).
+  giving the recipe YAML it was trained with. MindEye 1's and MindEye 2's released
+  checkpoints are recognised by their keys and mapped onto ours (models/mindeye1_keys.py,
+  models/mindeye2_keys.py).
 
 DeepSpeed checkpoints are consolidated into one float32 state dict (the optimizer's fp32
 master weights under ZeRO 1-3, so bf16 runs lose nothing).
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 from data.files import load_tensors
 from models.errors import InputError
 from models.mindeye1_keys import from_mindeye1, is_mindeye1
+from models.mindeye2_keys import from_mindeye2, is_mindeye2
 from models.strict_load import load_strict
 from train import config
 
@@ -73,11 +75,12 @@ def _released_state(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     state = {k.removeprefix("module."): v.float() for k, v in obj.items()}
-    if is_mindeye1(state):
-        try:
-            return from_mindeye1(state)
-        except KeyError as e:
-            raise CheckpointError(f"{path}: {e.args[0]}") from None
+    for released, mapping in ((is_mindeye1, from_mindeye1), (is_mindeye2, from_mindeye2)):
+        if released(state):
+            try:
+                return mapping(state)
+            except KeyError as e:
+                raise CheckpointError(f"{path}: {e.args[0]}") from None
     return state
 
 

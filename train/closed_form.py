@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from data import logs
 from data.files import atomic_write_text
 from models.ridge_decoder import RidgeDecoder
-from data import logs
 from train import distributed
 from train.config import ConfigError, to_yaml
 from train.engine import MetricLog, prepare_run_dir

@@ -22,8 +22,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data.files import atomic_write_text, read_json
 from data import logs
+from data.files import atomic_write_text, read_json
 from train import distributed
 from train.components.precision import engine_dtype
 from train.components.seeding import step_seed

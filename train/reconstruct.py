@@ -31,10 +31,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from data import logs  # noqa: E402
 from data.cli import run_cli  # noqa: E402
 from data.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 from data.shards import encode_png  # noqa: E402
-from data import logs  # noqa: E402
 from train import distributed, registry  # noqa: E402
 from train.config import ConfigError  # noqa: E402
 

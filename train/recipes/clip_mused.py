@@ -124,7 +124,7 @@ class Recipe(Trained, HeldOutScores, PredictsLabels):
         except ValueError as e:
             raise ConfigError(str(e) if state is None else f"{c.weights}: {e} (clip.weights for clip.arch={c.arch})") from None
         del state
-        self.data = SubjectData(cfg, self._subjects(cfg))
+        self.data = SubjectData(cfg, list(cfg.data.subjects))
         self.root, self.manifest, self.subjects = self.data.root, self.data.manifest, self.data.subjects
         key = {"kind": "clip_levels", "arch": c.arch, "weights": c.weights, "activation": c.activation, "seed": c.seed,
                "llv_pool": c.llv_pool, "tiny": tiny, "preprocess": "bicubic-antialiased"}
@@ -132,8 +132,6 @@ class Recipe(Trained, HeldOutScores, PredictsLabels):
                                       c.batch_size, "CLIP features", with_captions=True)
         self.llv_dim = clip.llv_dim
         counts = [self.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects]
-        self.index = torch.full((max(self.subjects) + 1,), -1, dtype=torch.long)  # subject id -> token row
-        self.index[self.subjects] = torch.arange(len(self.subjects))
         # Native space: subjects differ in voxel count, so shorter ones are padded and masked.
         self.voxel_counts = torch.tensor(counts, device=device) if len(set(counts)) > 1 else None
         m, n_classes = cfg.model, len(self.manifest["categories"])
@@ -142,16 +140,9 @@ class Recipe(Trained, HeldOutScores, PredictsLabels):
         if train:
             self.loader = self.data.loader(rank, world)
 
-    @staticmethod
-    def _subjects(cfg: DictConfig) -> list[int]:
-        subjects = list(cfg.data.subjects)
-        if len(set(subjects)) != len(subjects):
-            raise ConfigError(f"data.subjects: {subjects} lists a subject twice")
-        return subjects
-
     def _inputs(self, voxels: torch.Tensor, subjects: torch.Tensor, dtype: torch.dtype):
         """(voxels, token rows, voxel mask or None) on the device."""
-        rows = self.index[subjects].to(self.device)
+        rows = self.data.positions[subjects].to(self.device)
         mask = None
         if self.voxel_counts is not None:
             mask = torch.arange(voxels.shape[1], device=self.device)[None] < self.voxel_counts[rows][:, None]

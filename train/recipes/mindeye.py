@@ -22,7 +22,9 @@ from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye import MindEye, MindEyeBackbone
 from train import distributed
 from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
+from train.components.clip_loss import ClipLossConfig
 from train.components.precision import engine_dtype
+from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig, retrieval_scores
 from train.components.seeding import step_seed
 from train.components.vae_source import vae_source
@@ -43,31 +45,6 @@ class ModelConfig:
 
 
 @dataclass
-class LossConfig:
-    mix_fraction: float = 0.33  # share of epochs trained with BiMixCo
-    mix_prob: float = 0.5
-    mix_alpha: float = 0.15
-    mix_tau: float = 0.006
-    soft_tau_start: float = 0.004
-    soft_tau_end: float = 0.0075
-
-
-@dataclass
-class PriorConfig:
-    enabled: bool = False
-    depth: int = 6
-    heads: int = 12
-    dim_head: int = 64
-    timesteps: int = 100
-    cond_drop_prob: float = 0.2
-    loss_weight: float = 30.0  # loss = contrastive + loss_weight x prior MSE
-    guidance: float = 1.0  # classifier-free guidance when sampling
-    sample_steps: int = 100  # sampling steps (evenly spaced over the training steps)
-    checkpoint_layers: bool = False  # activation checkpointing per transformer layer
-    eval_sampling: bool = True  # score retrieval of prior samples on the test split
-
-
-@dataclass
 class GenerationConfig(GenerationKeys):
     """Reconstruction (`python -m train.reconstruct`): predicted CLIP tokens -> images."""
     weights: str = ""  # local Versatile Diffusion folder (image_unet/, vae/, scheduler/), or "random"
@@ -85,7 +62,7 @@ class Config(RunConfig):
     recipe: str = "mindeye"
     clip: ClipConfig = field(default_factory=ClipConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: ClipLossConfig = field(default_factory=ClipLossConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     eval: RetrievalConfig = field(default_factory=RetrievalConfig)

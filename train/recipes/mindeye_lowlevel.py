@@ -9,50 +9,22 @@ the per-sample Pearson correlation of predicted and true latents.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torchvision.transforms import v2
 
-from data.diffusers_weights import load_vae
-from data.pretrained_weights import load_convnext_features
 from data.subject_data import SubjectData
-from data.targets import cached_targets, stimuli_at
-from models.image_variation import decode_latents, stimulus_latents
+from models.image_variation import decode_latents
 from models.lowlevel import LowLevelDecoder
 from train import distributed
+from train.components.blurry_targets import BlurryTargets, TeacherConfig, VAEConfig
 from train.components.precision import engine_dtype
 from train.components.vae_source import vae_source
 from train.config import ConfigError, GenerationKeys, RunConfig
 from train.losses import soft_contrastive
 from train.recipe import Generates, HeldOutScores, PredictsLatents, Trained
-
-
-@dataclass
-class VAEConfig:
-    weights: str = ""  # local diffusers folder with a vae/ subfolder (Versatile or Stable Diffusion), or "random"
-    image_size: int = 512  # stimuli are resized to this before encoding
-    seed: int = 0  # initialisation of a random VAE
-    batch_size: int = 16
-
-
-@dataclass
-class TinyConvNeXtConfig:
-    dims: list[int] = field(default_factory=lambda: [16, 32, 64])
-    depths: list[int] = field(default_factory=lambda: [1, 1, 1])
-
-
-@dataclass
-class TeacherConfig:
-    arch: str = "convnext_xlarge"  # convnext_large, convnext_xlarge, or tiny (random weights only)
-    weights: str = ""  # local torchvision-layout state dict, or "random"
-    stage: int = 2  # features after this stage (stride 8; 512 channels for xlarge)
-    image_size: int = 256
-    seed: int = 0
-    tiny: Optional[TinyConvNeXtConfig] = None
 
 
 @dataclass
@@ -109,23 +81,14 @@ class Recipe(Trained, HeldOutScores, Generates, PredictsLatents):
 
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.rank, self.device = cfg, rank, device
-        for key in ("vae.weights", "teacher.weights"):
-            if not OmegaConf.select(cfg, key):
-                raise ConfigError(f"{key} is not set: give a local weights path, or 'random'")
-        v, t = cfg.vae, cfg.teacher
-        self.vae = vae = load_vae(v.weights, "vae.weights", v.seed, v.image_size // 4)  # first: missing files fail fast
+        targets = BlurryTargets(cfg, cfg.model.map_side, device)  # first: missing files fail fast
         self.data = SubjectData(cfg)
+        targets.cache(self.data, [cfg.data.subject])
+        self.vae, self.latents, self.images, self.teacher = targets.vae, targets.latents, targets.images, targets.teacher
         self.root, self.manifest = self.data.root, self.data.manifest
-        s, cache = cfg.data.subject, self.data.cache
-        self.latents = cached_targets(partial(stimulus_latents, vae, v.image_size),
-                                      {"kind": "vae", "weights": v.weights, "seed": v.seed, "size": v.image_size},
-                                      self.root, self.manifest, s, cache, v.batch_size, "VAE latents")
-        self.images = cached_targets(stimuli_at(t.image_size), {"kind": "images", "size": t.image_size}, self.root,
-                                     self.manifest, s, cache, 64, "stimuli for the ConvNeXt teacher")
+        v, t = cfg.vae, cfg.teacher
         m = cfg.model
         latent_shape = tuple(self.latents.values.shape[1:])
-        tiny = OmegaConf.to_container(t.tiny) if t.tiny is not None else None
-        self.teacher = load_convnext_features(t.arch, t.weights, t.stage, t.image_size, m.map_side, t.seed, tiny).to(device)
         self.model = LowLevelDecoder(self.data.n_voxels, m.hidden, m.n_blocks, m.map_channels, m.map_side,
                                      tuple(m.decoder_channels), latent_shape[0], m.norm_groups, self.teacher.channels,
                                      m.feature_hidden, m.input_dropout, m.block_dropout, m.checkpoint_blocks)
