@@ -20,7 +20,8 @@ from data.convert import output
 from data.convert.__main__ import main
 from data.shards import MANIFEST, ShardWriter, decode_image, load_manifest, sha256
 from data.splits import iter_split, load_split
-from tests.conftest import launch
+from tests.conftest import ROOT
+from train import main as train_main
 
 SHARD_MB = "0.008"  # a few samples per shard
 
@@ -164,12 +165,12 @@ def test_bad_god_inputs_get_one_line_errors_naming_the_file(case, tmp_path, caps
     assert_rejected(capsys, "god", root, 1, tmp_path / "out", [str(root / name), key])
 
 
-def test_ridge_clip_trains_on_converted_god(god, tmp_path, cache):
+def test_ridge_clip_trains_on_converted_god(god, tmp_path, cache, monkeypatch):
     _, out, _ = god
     run = tmp_path / "ridge"
-    result = launch(["--config", "train/configs/ridge_clip_tiny.yaml", f"data.root={out}", "data.subject=1",
-                     f"run_dir={run}", "ridge.alphas=[1,100]", "ridge.folds=3", "clip.tiny.image_size=32"], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    assert train_main.main(["--config", str(ROOT / "train/configs/ridge_clip_tiny.yaml"), f"data.root={out}", "data.subject=1",
+                            f"run_dir={run}", "ridge.alphas=[1,100]", "ridge.folds=3", "clip.tiny.image_size=32"]) == 0
     results = json.loads((run / "test_results.json").read_text())
     assert results["n_full"] == 4 and np.isfinite([v for v in results.values() if isinstance(v, float)]).all()
     assert (run / "checkpoints" / "ridge" / "model.pt").is_file()
@@ -327,13 +328,14 @@ def test_bad_hcp_rest_inputs_get_one_line_errors_naming_the_file(case, tmp_path,
     assert_rejected(capsys, "hcp-rest", root, hcp_id, tmp_path / "out", [str(path), detail], *options)
 
 
-def test_mbm_pretrains_on_converted_hcp_rest(hcp_rest, tmp_path, cache):
+def test_mbm_pretrains_on_converted_hcp_rest(hcp_rest, tmp_path, cache, monkeypatch):
     out, _ = hcp_rest
     run = tmp_path / "mbm"
-    result = launch(["--config", "train/configs/mbm_tiny.yaml", f"data.root={out}", "data.heldout_subjects=[100408]",
-                     "data.loader=memory", "train.epochs=2", "train.batch_size=8", "model.dim=32", "model.depth=1",
-                     "model.decoder_dim=32", "model.decoder_depth=1", "ds.bf16.enabled=false", f"run_dir={run}"], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    assert train_main.main(["--config", str(ROOT / "train/configs/mbm_tiny.yaml"), f"data.root={out}",
+                            "data.heldout_subjects=[100408]", "data.loader=memory", "train.epochs=2", "train.batch_size=8",
+                            "model.dim=32", "model.depth=1", "model.decoder_dim=32", "model.decoder_depth=1",
+                            "ds.bf16.enabled=false", f"run_dir={run}"]) == 0
     results = json.loads((run / "test_results.json").read_text())
     assert results["n_subjects"] == 1 and np.isfinite([results["masked_mse"], results["masked_r"]]).all()
     assert (run / "checkpoints" / "latest").is_file()
@@ -533,7 +535,7 @@ def test_integer_voxels_are_z_scored_like_any_others(tmp_path):
     assert abs(trials.mean(0)).max() < 0.01 and abs(trials.std(0, unbiased=False) - 1).max() < 0.01
 
 
-def test_recipes_train_on_converted_bold5000_and_hcp_movie(tmp_path, cache):
+def test_recipes_train_on_converted_bold5000_and_hcp_movie(tmp_path, cache, monkeypatch):
     """The ridge baseline on BOLD5000 (JPEG and PNG stimuli); CLIP-MUSED, the recipe HCP
     movie data is for, on two converted subjects together."""
     bold, movie, out = tmp_path / "bold5000", tmp_path / "movie", tmp_path / "out"
@@ -542,13 +544,13 @@ def test_recipes_train_on_converted_bold5000_and_hcp_movie(tmp_path, cache):
     for s in HCP_IDS:
         write_hcp_movie(movie, s)
         assert convert("hcp-movie", movie, s, out / "movie") == 0
-    runs = {"bold5000": ["--config", "train/configs/ridge_clip_tiny.yaml", "ridge.alphas=[1,100]", "ridge.folds=2",
-                         "clip.tiny.image_size=32"],
-            "movie": ["--config", "train/configs/clip_mused_tiny.yaml", "model.patch_size=4", "train.epochs=2",
+    runs = {"bold5000": ["--config", str(ROOT / "train/configs/ridge_clip_tiny.yaml"), "ridge.alphas=[1,100]",
+                         "ridge.folds=2", "clip.tiny.image_size=32"],
+            "movie": ["--config", str(ROOT / "train/configs/clip_mused_tiny.yaml"), "model.patch_size=4", "train.epochs=2",
                       "train.batch_size=8", "ds.bf16.enabled=false"]}
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
     for name, args in runs.items():
         run = tmp_path / f"run_{name}"
-        result = launch([*args, f"data.root={out / name}", f"run_dir={run}"], 1, cache)
-        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        assert train_main.main([*args, f"data.root={out / name}", f"run_dir={run}"]) == 0, name
         results = json.loads((run / "test_results.json").read_text())
         assert np.isfinite([v for v in results.values() if isinstance(v, float)]).all(), results

@@ -21,8 +21,9 @@ from data.convert.__main__ import main as convert
 from data.shards import load_manifest
 from data.splits import iter_split
 from launchers import convert as launcher
-from tests.conftest import launch
+from tests.conftest import ROOT
 from tests.test_convert_nsd import write_nsd
+from train import main as train_main
 
 V = 50
 SPLITS = {"train": [2, 1] * 9, "val": [6], "test": [5, 5]}  # samples per tar, in MindEye 1's tar counts
@@ -186,12 +187,12 @@ def test_webdataset_member_names_and_repeated_training_images_are_read_as_mindey
     assert keys[:2] == ["s01_000000", "s01_000000_1"] and keys[5] == "s01_000000_2" and len(set(keys)) == N_TRAIN
 
 
-def test_a_recipe_trains_on_converted_mindeye1_shards(converted, tmp_path, cache):
+def test_a_recipe_trains_on_converted_mindeye1_shards(converted, tmp_path, cache, monkeypatch):
     out, _ = converted
     run = tmp_path / "ridge"
-    result = launch(["--config", "train/configs/ridge_clip_tiny.yaml", f"data.root={out}", f"run_dir={run}",
-                     "ridge.alphas=[1,100]", "ridge.folds=2", "clip.tiny.image_size=32"], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    assert train_main.main(["--config", str(ROOT / "train/configs/ridge_clip_tiny.yaml"), f"data.root={out}",
+                            f"run_dir={run}", "ridge.alphas=[1,100]", "ridge.folds=2", "clip.tiny.image_size=32"]) == 0
     assert json.loads((run / "test_results.json").read_text())
 
 

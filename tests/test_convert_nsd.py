@@ -18,8 +18,9 @@ from data.convert import nsd
 from data.convert.__main__ import main as convert
 from data.shards import MANIFEST, ShardWriter, decode_image, load_manifest, sha256
 from data.splits import iter_split, load_split
-from tests.conftest import launch
+from tests.conftest import ROOT
 from tests.test_convert_datasets import write_god
+from train import main as train_main
 
 GRID = (6, 7, 5)
 N_IMAGES, SIZE = 600, 16
@@ -268,11 +269,11 @@ def test_bad_nsd_inputs_get_one_line_errors_naming_the_file(case, tmp_path, caps
     assert not out.exists() or case == "nan"  # no scratch left, but the betas z-scored before the failed session
 
 
-def test_a_recipe_trains_on_converted_nsd(converted, tmp_path, cache):
+def test_a_recipe_trains_on_converted_nsd(converted, tmp_path, cache, monkeypatch):
     _, out, _ = converted
     run = tmp_path / "ridge"
-    result = launch(["--config", "train/configs/ridge_clip_tiny.yaml", f"data.root={out}", f"run_dir={run}",
-                     "ridge.alphas=[1,100]", "ridge.folds=2", "clip.tiny.image_size=32"], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    assert train_main.main(["--config", str(ROOT / "train/configs/ridge_clip_tiny.yaml"), f"data.root={out}",
+                            f"run_dir={run}", "ridge.alphas=[1,100]", "ridge.folds=2", "clip.tiny.image_size=32"]) == 0
     results = json.loads((run / "test_results.json").read_text())
     assert np.isfinite([v for v in results.values() if isinstance(v, float)]).all()

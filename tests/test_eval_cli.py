@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from eval.main import main
-from tests.conftest import ROOT, SMALL_RUN, launch
+from tests.conftest import ROOT, SMALL_RUN
+from train import main as train_main
 
 FAST = ["--extractors", "alexnet,inception", "--random-weights"]  # the others are covered in test_features.py
 
@@ -18,8 +19,10 @@ FAST = ["--extractors", "alexnet,inception", "--random-weights"]  # the others a
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    result = launch(["--ds_config", "ds_configs/zero2.json", f"run_dir={run}", *SMALL_RUN, "ds.bf16.enabled=false"], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMRIDECODE_CACHE", str(cache))
+        assert train_main.main(["--ds_config", str(ROOT / "ds_configs/zero2.json"), f"run_dir={run}", *SMALL_RUN,
+                                "ds.bf16.enabled=false"]) == 0
     return run
 
 

@@ -3,6 +3,8 @@ transfer, train -> generate (DDIM, PLMS) -> score on a tiny simulated dataset, a
 errors for missing weights."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -24,12 +26,13 @@ from models.fmri_ldm import (
 from models.errors import InputError
 from models.image_variation import SD_SCHEDULE, tiny_vae
 from models.mbm import MaskedBrainModel
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT
 from train import config, reconstruct, registry
+from train import main as train_main
 from train.recipes import fmri_ldm
 from train.components.mbm_encoder import build_encoder
 
-TINY = "train/configs/fmri_ldm_tiny.yaml"
+TINY = str(ROOT / "train/configs/fmri_ldm_tiny.yaml")
 # Two native-space subjects (300 and 260 voxels), 32 px stimuli -> 4 x 8 x 8 latents.
 SIM = {"n_subjects": 2, "common_space": False, "voxels": [300, 260], "n_train": 32, "n_val": 8, "n_test": 6,
        "n_repeats": 2, "image_size": 32}
@@ -48,9 +51,12 @@ def _tiny_model(n_voxels: int = 300, context: int = 16) -> FMRILDM:
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "ldm"
-    result = launch(["--config", TINY, f"run_dir={run}", *SMALL], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "voxel fit: subject 1 has 300 voxels, the encoder 300: none" in result.stderr
+    stderr = io.StringIO()  # the run's log (a module fixture has no capsys)
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stderr(stderr):
+        mp.setenv("FMRIDECODE_CACHE", str(cache))
+        code = train_main.main(["--config", TINY, f"run_dir={run}", *SMALL])
+    assert code == 0, stderr.getvalue()[-3000:]
+    assert "voxel fit: subject 1 has 300 voxels, the encoder 300: none" in stderr.getvalue()
     return run
 
 

@@ -77,5 +77,7 @@ def test_config_trains_evaluates_and_generates(path, tmp_path, shared_cache, mon
         assert 0 < report["ssim"] <= 1 and "alexnet2" in report
     if "embeddings" in caps:
         assert (run / "eval" / "retrievals.png").is_file()
+    else:
+        assert "forward_top1" not in report  # retrieval only where embeddings are declared
     if "labels" in caps:
         assert 0 <= report["map"] <= 1

@@ -18,11 +18,12 @@ from models.stable_diffusion import (
     img2img,
     tiny_stable_diffusion,
 )
-from tests.conftest import ROOT, launch
+from tests.conftest import ROOT
 from train import closed_form, config, reconstruct, registry
+from train import main as train_main
 from train.recipes import ridge_clip, takagi
 
-TINY = "train/configs/takagi_tiny.yaml"
+TINY = str(ROOT / "train/configs/takagi_tiny.yaml")
 SIM = {"n_subjects": 1, "voxels": [400], "n_train": 240, "n_val": 20, "n_test": 12, "image_size": 32}
 SMALL = [*(f"data.simulator.{k}={json.dumps(v).replace(' ', '')}" for k, v in SIM.items()),
          "sd.latent_size=32", "generation.size=32", "generation.steps=5", "generation.n_samples=2",
@@ -32,8 +33,9 @@ SMALL = [*(f"data.simulator.{k}={json.dumps(v).replace(' ', '')}" for k, v in SI
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, cache):
     run = tmp_path_factory.mktemp("runs") / "takagi"
-    result = launch(["--config", TINY, f"run_dir={run}", *SMALL], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMRIDECODE_CACHE", str(cache))
+        assert train_main.main(["--config", TINY, f"run_dir={run}", *SMALL]) == 0
     return run
 
 
@@ -57,16 +59,20 @@ def test_fit_decodes_both_targets_above_chance(run_dir):
     assert ckpt.state["latent.weight"].shape == (latent["n_voxels"], 256) and ckpt.state["latent.roi"].dtype == torch.long
 
 
-def test_a_killed_fit_resumes_with_the_decoders_left_and_is_never_overwritten_silently(run_dir, tmp_path, cache):
+def test_a_killed_fit_resumes_with_the_decoders_left_and_is_never_overwritten_silently(run_dir, tmp_path, cache,
+                                                                                        monkeypatch, capsys):
     copy = tmp_path / "run"
     folder = copy / "checkpoints" / "ridge"
     folder.mkdir(parents=True)
     (folder / "latent.pt").write_bytes((run_dir / "checkpoints" / "ridge" / "latent.pt").read_bytes())
-    result = launch(["--config", TINY, f"run_dir={copy}", *SMALL], 1, cache)
-    assert result.returncode == 2 and "already holds a fit" in result.stderr and "--resume" in result.stderr
-    result = launch(["--config", TINY, "--resume", f"run_dir={copy}", *SMALL], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "decoder 'text'" in result.stderr and "decoder 'latent'" not in result.stderr  # only the missing one
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(cache))
+    capsys.readouterr()
+    assert train_main.main(["--config", TINY, f"run_dir={copy}", *SMALL]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a fit" in err and "--resume" in err
+    assert train_main.main(["--config", TINY, "--resume", f"run_dir={copy}", *SMALL]) == 0
+    err = capsys.readouterr().err
+    assert "decoder 'text'" in err and "decoder 'latent'" not in err  # only the missing one
     mine, full = load_checkpoint(copy).state, load_checkpoint(run_dir).state
     assert mine.keys() == full.keys() and all(torch.equal(mine[k], full[k]) for k in full)
     assert json.loads((copy / "test_results.json").read_text()) == json.loads((run_dir / "test_results.json").read_text())
@@ -144,8 +150,7 @@ def test_ridge_baseline_retrieves_above_chance(env, tmp_path, cache):
     overrides = [*(f"data.simulator.{k}={json.dumps(v).replace(' ', '')}" for k, v in SIM.items()),
                  "clip.tiny.image_size=32", "clip.tiny.width=32", "clip.tiny.layers=1", "clip.tiny.heads=2",
                  "clip.tiny.output_dim=16", "eval.n_way=12", "ridge.alphas=[10,1000,100000]"]
-    result = launch(["--config", "train/configs/ridge_clip_tiny.yaml", f"run_dir={run}", *overrides], 1, cache)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert train_main.main(["--config", str(ROOT / "train/configs/ridge_clip_tiny.yaml"), f"run_dir={run}", *overrides]) == 0
     r = json.loads((run / "test_results.json").read_text())
     assert r["n_way"] == 12 and r["forward_top1"] > 2 * 100 / 12 and r["backward_top1"] > 2 * 100 / 12
     ckpt = load_checkpoint(run)

@@ -26,8 +26,9 @@ def _ok(result) -> None:
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_first_20_losses_agree_across_rank_counts_and_zero_stages(precision, cache, tmp_path):
     """Losses include the prior's MSE (its noise draws are global-batch draws sliced per rank)."""
-    runs = {"1 rank, ZeRO-2": (1, "zero2", []), "2 ranks, ZeRO-2": (2, "zero2", []), "2 ranks, ZeRO-3": (2, "zero3", [])}
-    if precision == "fp32":
+    runs = {"1 rank, ZeRO-2": (1, "zero2", []), "2 ranks, ZeRO-3": (2, "zero3", [])}
+    if precision == "fp32":  # bf16: one comparison that changes both the rank count and the stage
+        runs["2 ranks, ZeRO-2"] = (2, "zero2", [])
         runs["2 ranks, ZeRO-3, activation checkpointing"] = (2, "zero3", ["model.checkpoint_blocks=true",
                                                                           "prior.checkpoint_layers=true"])
     losses = {}
