@@ -128,6 +128,12 @@ def pearson_matrix(real: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return a @ centred_rows(recon).T
 
 
+def pearson_along(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """Pearson r of a and b along `dim` (e.g. 0: per feature, across samples; 1: per sample)."""
+    ac, bc = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
+    return (ac * bc).sum(dim) / (ac.norm(dim=dim) * bc.norm(dim=dim)).clamp_min(1e-12)
+
+
 def two_way_identification(real: torch.Tensor, recon: torch.Tensor) -> float:
     """Two-way identification, %. Features are flattened; r[i, j] = Pearson(real_i, recon_j).
     Chance is 50%.

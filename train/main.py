@@ -37,6 +37,7 @@ def train(args: argparse.Namespace) -> None:
         if saved.is_file():
             cfg = config.load(saved, args.overrides)
     recipe = registry.get(cfg.recipe)
+    registry.require(recipe, "scores", f"recipe {cfg.recipe!r}")  # the engines' validation and test results
     if registry.training_kind(recipe) == "fitted":  # ridge decoders: no optimizer, --ds_config unused
         closed_form.run(cfg, recipe, resume=args.resume, overwrite=args.overwrite)
     else:

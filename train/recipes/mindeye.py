@@ -21,8 +21,8 @@ from data.targets import TargetTable
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye import MindEye, MindEyeBackbone
 from train import distributed
-from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
 from train.components.clip_loss import ClipLossConfig
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
 from train.components.precision import engine_dtype
 from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig, retrieval_scores

@@ -31,7 +31,7 @@ from data.subject_data import SubjectData
 from data.targets import cached_targets
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
-from models.scores import retrieval
+from models.scores import pearson_along, retrieval
 from models.strict_load import StateMismatch, load_strict
 from train import distributed
 from train.checkpoint import CheckpointError, load_checkpoint
@@ -252,9 +252,8 @@ class Recipe(Trained, HeldOutScores, Embeds):
                           if k in ("forward_top1", "backward_top1")})
             if "latents" in outputs:
                 pred, true = outputs["latents"].flatten(1), self.latents[ids].flatten(1)
-                pc, tc = pred - pred.mean(0), true - true.mean(0)
                 r["blurry_l1"] = (pred - true).abs().mean().item()
-                r["blurry_r_across_samples"] = ((pc * tc).sum(0) / (pc.norm(dim=0) * tc.norm(dim=0)).clamp_min(1e-12)).mean().item()
+                r["blurry_r_across_samples"] = pearson_along(pred, true, 0).mean().item()
             for k, v in r.items():
                 per.setdefault(k, []).append(v)
                 results[f"{k}/subj{s:02d}"] = v

@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 from data.subject_data import SubjectData
 from models.image_variation import decode_latents
 from models.lowlevel import LowLevelDecoder
+from models.scores import pearson_along
 from train import distributed
 from train.components.blurry_targets import BlurryTargets, TeacherConfig, VAEConfig
 from train.components.precision import engine_dtype
@@ -69,11 +70,6 @@ class Config(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-
-
-def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
-    ac, bc = a - a.mean(dim, keepdim=True), b - b.mean(dim, keepdim=True)
-    return (ac * bc).sum(dim) / (ac.norm(dim=dim) * bc.norm(dim=dim)).clamp_min(1e-12)
 
 
 class Recipe(Trained, HeldOutScores, Generates, PredictsLatents):
@@ -150,5 +146,5 @@ class Recipe(Trained, HeldOutScores, Generates, PredictsLatents):
         pairs = self.predict(forward, split, dtype)
         p, t = pairs["latents"].flatten(1), pairs["target"].flatten(1)
         return {"latent_l1": (p - t).abs().mean().item() / self.cfg.loss.latent_scale,
-                "latent_pearson": _pearson(p, t, 1).mean().item(),
-                "latent_r_across_samples": _pearson(p, t, 0).mean().item(), "n_samples": len(p)}
+                "latent_pearson": pearson_along(p, t, 1).mean().item(),
+                "latent_r_across_samples": pearson_along(p, t, 0).mean().item(), "n_samples": len(p)}
