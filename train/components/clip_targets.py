@@ -56,5 +56,6 @@ def clip_encoder(c: DictConfig):
 
 
 def clip_targets(c: DictConfig, data: SubjectData, encoder) -> TargetTable:
-    """The subject's CLIP targets by `encoder` (`clip_encoder(c)`), computed once and cached."""
-    return cached_targets(encoder, clip_key(c), data.root, data.manifest, data.subject, data.cache, c.batch_size)
+    """The CLIP targets of every image `data`'s subjects saw, by `encoder` (`clip_encoder(c)`),
+    computed once and cached."""
+    return cached_targets(encoder, clip_key(c), data.root, data.manifest, data.subjects, data.cache, c.batch_size)

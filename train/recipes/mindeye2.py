@@ -28,7 +28,6 @@ from omegaconf import DictConfig
 from torchvision.transforms import v2
 
 from data.subject_data import SubjectData
-from data.targets import cached_targets
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
 from models.scores import pearson_along, retrieval
@@ -37,7 +36,7 @@ from train import distributed
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.components.blurry_targets import BlurryTargets, TeacherConfig, VAEConfig
 from train.components.clip_loss import ClipLossConfig
-from train.components.clip_targets import ClipConfig, clip_encoder, clip_key
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
 from train.components.precision import engine_dtype
 from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig
@@ -107,8 +106,7 @@ class Recipe(Trained, HeldOutScores, Embeds):
         self.data = SubjectData(cfg, list(cfg.data.subjects))
         self.subjects = self.data.subjects
         d = self.data
-        self.targets = cached_targets(encoder, clip_key(cfg.clip), d.root, d.manifest, self.subjects, d.cache,
-                                      cfg.clip.batch_size)
+        self.targets = clip_targets(cfg.clip, d, encoder)
         del encoder
         if blurry is not None:
             blurry.cache(d, self.subjects)
