@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from benchmarks.live_bytes import LiveBytes
 from data.targets import TargetTable
-from models.clip_image import target_shape
 from train import config as train_config
 from train import distributed, registry
+from train.components.clip_targets import clip_target_shape
 from train.components.precision import engine_dtype
 from train.components.seeding import step_seed
 from train.engine import (
@@ -65,8 +66,7 @@ def synthetic_recipe(cfg: DictConfig, n_voxels: int, rank: int, device: torch.de
     if cfg.recipe != "mindeye":
         raise train_config.ConfigError(f"recipe: benchmarks time 'mindeye' so far, not {cfg.recipe!r}")
     Recipe = registry.get(cfg.recipe)
-    c = cfg.clip
-    shape = target_shape(c.arch, c.target, OmegaConf.to_container(c.tiny) if c.tiny is not None else None)
+    shape = clip_target_shape(cfg.clip)
     targets = random_targets(folder, np.arange(2 * cfg.train.batch_size), shape, cfg.seed)
     torch.manual_seed(cfg.seed)  # every loop starts from the same weights
     return Recipe.synthetic(cfg, rank, device, n_voxels, targets)
@@ -127,10 +127,12 @@ MASTER_WEIGHTS = ("single_partition_of_fp32_groups", "fp32_partitioned_groups_fl
 
 
 def state_bytes(engine) -> dict[str, int]:
-    """Bytes of parameters (ZeRO-3: this rank's partition) and of optimizer state (master
-    weights and Adam moments not shared with the parameters) held by this rank."""
+    """Bytes of parameters (ZeRO-3: this rank's partition, and the small parameters it keeps
+    whole) and of optimizer state (master weights and Adam moments not shared with the
+    parameters) held by this rank."""
     seen: set[int] = set()
-    params = _storage_bytes((getattr(p, "ds_tensor", p.data) for p in engine.module.parameters()), seen)
+    params = _storage_bytes((t for p in engine.module.parameters() for t in (getattr(p, "ds_tensor", None), p.data)
+                             if t is not None and t.numel()), seen)  # ZeRO-3: the share, and what is kept whole
     held, opt = [], engine.optimizer
     while True:
         held += [t for name in MASTER_WEIGHTS for t in getattr(opt, name, [])]
@@ -140,6 +142,71 @@ def state_bytes(engine) -> dict[str, int]:
     held += [p for g in opt.param_groups for p in g["params"]]
     held += [v for state in opt.state.values() for v in state.values() if torch.is_tensor(v)]
     return {"params": params, "optimizer": _storage_bytes(held, seen)}
+
+
+def _tensors_in(value) -> list[torch.Tensor]:
+    if torch.is_tensor(value):
+        return [value]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [t for v in value for t in _tensors_in(v)]
+    return []
+
+
+def gradient_bytes(engine) -> int:
+    """Bytes of the gradients this rank holds when its optimizer steps: the parameters' `.grad`
+    and the tensors DeepSpeed's optimizer wrappers keep them in (attributes named *grad*):
+    the bytes they span, not the whole buffers they may be views of."""
+    held = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    opt = engine.optimizer
+    while opt is not None:
+        held += [t for name, value in vars(opt).items() if "grad" in name.lower() and "norm" not in name.lower()
+                 for t in _tensors_in(value)]
+        held += [p.grad for g in getattr(opt, "param_groups", []) for p in g["params"] if p.grad is not None]
+        opt = getattr(opt, "optimizer", None)
+    total, end = 0, 0
+    for start, stop in sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in held if t.numel()):
+        total += max(0, stop - max(start, end))  # the union of the extents: views of a flat buffer count once
+        end = max(end, stop)
+    return total
+
+
+def count_step_memory(engine, recipe, batch: list[dict], step: int, epoch: int, seed: int, rank: int) -> dict[str, int]:
+    """One training step that also counts the gradient bytes held when the optimizer steps and
+    "live": the peak bytes (benchmarks.live_bytes) that the forward and backward passes create:
+    the activations, each gradient until it is accumulated, and what DeepSpeed allocates
+    meanwhile (ZeRO 1-2's gradient bucket, ZeRO-3's gathered parameters), plus ZeRO-3's
+    gradient bucket, which DeepSpeed allocates once before the first pass."""
+    counted = {}
+    step_optimizer = engine.optimizer.step
+
+    def counting_step(*args, **kwargs):
+        counted["gradients"] = gradient_bytes(engine)
+        with live.paused():
+            return step_optimizer(*args, **kwargs)
+
+    buckets = [t for b in getattr(engine.optimizer, "ipg_buckets", {}).values()
+               for t in _tensors_in(getattr(b, "buffer", None))]  # ZeRO-3 allocates its bucket once, at the start
+    engine.optimizer.step = counting_step
+    try:
+        with LiveBytes(engine.module) as live:
+            train_step(engine, recipe, batch, step, epoch, seed, rank)
+    finally:
+        del engine.optimizer.step
+    return {**counted, "live": live.peak + _storage_bytes(buckets, set())}
+
+
+def count_activations(recipe, batch: list[dict], step: int, epoch: int, device: torch.device, precision: str) -> int:
+    """Peak bytes of activations (benchmarks.live_bytes, gradients left out) of one forward
+    and backward pass of the plain model over `batch`, under the reference loop's autocast."""
+    with LiveBytes(recipe.model) as live:
+        for micro, b in enumerate(batch):
+            with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
+                loss, _ = recipe.loss(PlainForward(recipe.model), {**b, "micro": micro}, step, epoch)
+            loss.backward()
+    recipe.model.zero_grad(set_to_none=True)
+    return live.peak_without_gradients
 
 
 def count_flops(recipe, batch: list[dict], step: int, epoch: int) -> dict[str, float]:
@@ -206,7 +273,8 @@ def engine_loop(cfg: DictConfig, recipe, batches: list[list[dict]], ds: dict, ra
         losses.append(train_step(engine, recipe, micro_batches, step, epoch, cfg.seed, rank)["loss"])
         synchronize(engine.device)
         times.append(time.perf_counter() - start)
-    return times, losses, engine
+    counted = count_step_memory(engine, recipe, batches[0], len(batches), epoch, cfg.seed, rank) if batches else {}
+    return times, losses, engine, counted
 
 
 def measure(cfg: DictConfig, loop: str, ds_config: Path, n_voxels: int, steps: int, warmup: int,
@@ -231,9 +299,11 @@ def measure(cfg: DictConfig, loop: str, ds_config: Path, n_voxels: int, steps: i
         with torch.autocast(device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"):
             record.update(count_flops(recipe, generated[0], 0, epoch))
         times, losses = reference_loop(cfg, recipe, batches, device, precision, epoch) if batches else ([], [])
+        record["activations"] = count_activations(recipe, generated[0], 0, epoch, device, precision)
     else:
         ds = deepspeed_config(ds_config, cfg, world)
-        times, losses, engine = engine_loop(cfg, recipe, batches, ds, rank, epoch)
+        times, losses, engine, counted = engine_loop(cfg, recipe, batches, ds, rank, epoch)
+        record.update(counted)
         record["precision"] = {dtype: name for name, dtype in PRECISIONS.items()}[engine_dtype(engine)]
         record["zero_stage"] = engine.zero_optimization_stage()
         record.update(state_bytes(engine))

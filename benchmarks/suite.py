@@ -57,7 +57,7 @@ def _loop_figures(record: list[dict], peak: float | None) -> dict:
     out = {"step_ms": 1000 * step, "samples_per_s": r0["batch_size"] / step,
            "voxels_per_s": r0["batch_size"] * r0["n_voxels"] / step,
            "peak_memory_per_rank": max(r["peak_memory"] for r in record), "precision": r0["precision"]}
-    for key in ("params", "optimizer"):
+    for key in ("params", "gradients", "optimizer", "activations", "live"):
         if key in r0:
             out[f"{key}_per_rank"] = max(r[key] for r in record)
     if peak:

@@ -11,6 +11,7 @@ Each sample in a shard holds:
     image.png     the stimulus, RGB uint8 (or image.jpg: a JPEG kept as published; or no
                   image at all, for data without stimuli such as resting state)
     labels.npy    float32 [n_categories] multi-hot category vector
+    sessions.npy  optional int64 [n_repeats], the 1-based scan session of each trial (row of voxels.npy)
     json          {"image_id", "subject", "captions": [...]}
 
 The manifest records the generator or converter, the subjects with their voxel counts
@@ -61,6 +62,7 @@ class Sample:
     image: np.ndarray | bytes | None  # uint8 [H, W, 3] (stored as PNG), JPEG file bytes, or no stimulus
     labels: np.ndarray  # [n_categories]
     captions: list[str]
+    sessions: np.ndarray | None = None  # [n_repeats], the 1-based scan session of each trial, if known
 
 
 def encode_sample(s: Sample) -> dict[str, bytes]:
@@ -75,6 +77,8 @@ def encode_sample(s: Sample) -> dict[str, bytes]:
         fields["image.png"] = encode_png(s.image)
     elif s.image is not None:
         fields["image.jpg"] = bytes(s.image)
+    if s.sessions is not None:
+        fields["sessions.npy"] = npy(np.asarray(s.sessions, np.int64))
     return {**fields, "labels.npy": npy(s.labels.astype(np.float32)), "json": json.dumps(meta).encode()}
 
 
@@ -169,14 +173,18 @@ def decode_sample(fields: dict, shard: str, n_voxels: int) -> dict:
         voxels = np.load(io.BytesIO(fields["voxels.npy"]), allow_pickle=False)
         labels = np.load(io.BytesIO(fields["labels.npy"]), allow_pickle=False)
         meta = json.loads(fields["json"])
+        sessions = np.load(io.BytesIO(fields["sessions.npy"]), allow_pickle=False) if "sessions.npy" in fields else None
     except (KeyError, ValueError, OSError) as e:
         raise DataError(f"{shard}: sample {key} cannot be decoded ({type(e).__name__}: {e})") from None
     if voxels.ndim != 2 or voxels.shape[1] != n_voxels:
         raise DataError(f"{shard}: sample {key} has voxels of shape {voxels.shape}, manifest says {n_voxels} voxels")
     if not np.isfinite(voxels).all():
         raise DataError(f"{shard}: sample {key} has NaN or Inf voxels")
+    if sessions is not None and (sessions.shape != voxels.shape[:1] or sessions.dtype.kind not in "iu"):
+        raise DataError(f"{shard}: sample {key} has sessions of shape {sessions.shape} ({sessions.dtype}), expected "
+                        f"integers [{len(voxels)}] (one per trial)")
     return {"key": key, "image_id": int(meta["image_id"]), "subject": int(meta["subject"]), "voxels": voxels, "labels": labels,
-            "captions": meta["captions"], "image": fields.get("image.png", fields.get("image.jpg"))}
+            "captions": meta["captions"], "image": fields.get("image.png", fields.get("image.jpg")), "sessions": sessions}
 
 
 def sample_image(sample: dict) -> np.ndarray:

@@ -82,13 +82,29 @@ class SplitArrays:
     image_ids: torch.Tensor  # int64 [N]
     labels: torch.Tensor  # float32 [N, C]
     subjects: torch.Tensor  # int64 [N], subject ids as in the manifest
+    sessions: torch.Tensor | None = None  # int64 [N, R], each trial's 1-based session (0 beyond the count), if recorded
 
     def __len__(self) -> int:
         return len(self.image_ids)
 
     def head(self, n: int) -> "SplitArrays":
         """The first n samples (in the split's order)."""
-        return SplitArrays(*(getattr(self, k)[:n] for k in ("voxels", "n_repeats", "image_ids", "labels", "subjects")))
+        return SplitArrays(*(getattr(self, k)[:n] for k in ("voxels", "n_repeats", "image_ids", "labels", "subjects")),
+                           None if self.sessions is None else self.sessions[:n])
+
+    def first_sessions(self, n: int) -> SplitArrays:
+        """Only the trials of sessions 1..n: each sample keeps those of its repeats, in order, and
+        a sample with none of them is dropped. Needs `sessions`."""
+        keep = (self.sessions >= 1) & (self.sessions <= n)  # [N, R]; no trial beyond a sample's count
+        count = keep.sum(1)
+        rows = torch.nonzero(count).flatten()
+        r = int(count.max())
+        order = torch.argsort((~keep[rows]).byte(), dim=1, stable=True)[:, :r]  # the kept repeats first
+        n_repeats = count[rows]
+        beyond = torch.arange(r)[None] >= n_repeats[:, None]  # [N', r]
+        voxels = self.voxels[rows[:, None], order].masked_fill(beyond[..., None], 0)
+        sessions = self.sessions[rows[:, None], order].masked_fill(beyond, 0)
+        return SplitArrays(voxels, n_repeats, self.image_ids[rows], self.labels[rows], self.subjects[rows], sessions)
 
     def repeat_mean(self) -> torch.Tensor:
         """Voxels averaged over each sample's repeats: float32 [N, V]."""
@@ -116,12 +132,30 @@ def load_split(root: Path, manifest: dict, subject: int, split: str, verify: boo
         torch.tensor([s["image_id"] for s in samples]),
         torch.from_numpy(np.stack([s["labels"] for s in samples])),
         torch.full((len(samples),), subject),
+        _sessions(samples, r_max, f"{root}: subject {subject} split {split!r}"),
     )
 
 
+def _sessions(samples: list[dict], r_max: int, where: str) -> torch.Tensor | None:
+    """The samples' trial sessions, zero-padded to [N, r_max]; None if no sample records them."""
+    recorded = [s["sessions"] is not None for s in samples]
+    if not any(recorded):
+        return None
+    if not all(recorded):
+        raise DataError(f"{where}: {recorded.count(False)} of {len(samples)} samples record no trial sessions, "
+                        "the others do")
+    out = torch.zeros(len(samples), r_max, dtype=torch.long)
+    for i, s in enumerate(samples):
+        out[i, : len(s["sessions"])] = torch.from_numpy(s["sessions"].astype(np.int64))
+    return out
+
+
 def concat_splits(parts: list[SplitArrays]) -> SplitArrays:
-    """Several subjects' splits as one, voxels and repeats zero-padded to the largest."""
+    """Several subjects' splits as one, voxels and repeats zero-padded to the largest; sessions
+    only if every part records them."""
     r, v = max(p.voxels.shape[1] for p in parts), max(p.voxels.shape[2] for p in parts)
     voxels = torch.cat([F.pad(p.voxels, (0, v - p.voxels.shape[2], 0, r - p.voxels.shape[1])) for p in parts])
+    sessions = None if any(p.sessions is None for p in parts) else \
+        torch.cat([F.pad(p.sessions, (0, r - p.sessions.shape[1])) for p in parts])
     return SplitArrays(voxels, *(torch.cat([getattr(p, k) for p in parts])
-                                 for k in ("n_repeats", "image_ids", "labels", "subjects")))
+                                 for k in ("n_repeats", "image_ids", "labels", "subjects")), sessions)

@@ -44,21 +44,31 @@ class SubjectData:
         self._splits: dict[tuple[str, int], SplitArrays] = {}
 
     def loader(self, rank: int, world: int, fit: Callable[[torch.Tensor], torch.Tensor] | None = None,
-               balanced: bool = False, share: float = 1.0):
+               balanced: bool = False, share: float = 1.0, sessions: int | None = None):
         """The training stream over every subject's train split. `fit` maps voxels [..., V] of
         any subject to one count; without it, subjects that differ are zero-padded (memory).
         `balanced`: equal shares of every subject in each batch; `share`: only the first
-        `share` of each subject's training images (memory loader)."""
+        `share` of each subject's training images; `sessions`: only the trials of each
+        subject's first `sessions` scan sessions (both: memory loader)."""
         d, t = self.cfg.data, self.cfg.train
+        if sessions is not None and sessions < 1:
+            raise ConfigError(f"data.sessions={sessions}: expected at least 1")
+        if sessions is not None and share < 1:
+            raise ConfigError(f"data.sessions={sessions} and data.share={share}: select by one of them")
         if d.loader == "memory":
             parts = [load_split(self.root, self.manifest, s, "train", d.verify_checksums) for s in self.subjects]
             parts = [p.head(math.ceil(share * len(p))) for p in parts]
+            if sessions is not None:
+                if any(p.sessions is None for p in parts):
+                    raise ConfigError(f"data.sessions={sessions}: {self.root} records no trial sessions (NSD converted "
+                                      "by this version does; on the simulated brain use data.share)")
+                parts = [p.first_sessions(sessions) for p in parts]
             if fit is not None:
                 parts = [replace(p, voxels=fit(p.voxels)) for p in parts]
             train = parts[0] if len(parts) == 1 else concat_splits(parts)
             return MemoryLoader(train, t.batch_size, t.grad_accum, rank, world, self.cfg.seed, balanced)
-        if balanced or share < 1:
-            raise ConfigError("data.loader: balanced batches and a training share need the 'memory' loader")
+        if balanced or share < 1 or sessions is not None:
+            raise ConfigError("data.loader: balanced batches, a training share and data.sessions need the 'memory' loader")
         if d.loader == "stream":
             counts = {self.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects}
             if len(counts) > 1 and fit is None:

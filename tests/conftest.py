@@ -113,6 +113,7 @@ RUNNERS = {("train.main", "main"), ("train.reconstruct", "main")}  # (module, fu
 SLOW_FIXTURES = {"slurm_env"}  # jobs of a Slurm cluster
 SLOW_TESTS = {  # "file::test" (parameters left out): in-process tests that train for many steps
     "test_diffusion_prior.py::test_prior_learns_and_its_samples_retrieve_their_images",
+    "test_mindeye2.py::test_pretraining_on_other_subjects_beats_scratch_on_a_small_share",
 }
 FAST_LIMIT_S = 30.0
 

@@ -13,13 +13,16 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.io
+import torch
 
 from data.convert import nsd
 from data.convert.__main__ import main as convert
 from data.shards import MANIFEST, ShardWriter, decode_image, load_manifest, sha256
 from data.splits import iter_split, load_split
+from data.subject_data import SubjectData
 from tests.conftest import ROOT
 from tests.test_convert_datasets import write_god
+from train import config
 from train import main as train_main
 
 GRID = (6, 7, 5)
@@ -149,7 +152,9 @@ def test_nsd_conversion_keeps_every_trial_z_scored_without_the_shared_trials(con
         for n, image_id in enumerate(arrays.image_ids.tolist()):
             rows = np.flatnonzero(truth["trials"] == image_id)
             assert int(arrays.n_repeats[n]) == len(rows)
+            assert arrays.sessions[n].tolist() == [*(rows // 750 + 1), *[0] * (arrays.sessions.shape[1] - len(rows))]
             np.testing.assert_allclose(arrays.voxels[n, : len(rows)].float().numpy(), z[rows], atol=2e-3, rtol=2e-3)
+        assert set(arrays.sessions[arrays.sessions > 0].tolist()) == {1, 2}
     test = load_split(out, manifest, 1, "test")
     assert set(test.image_ids.tolist()) == set(truth["ids"][:10].tolist()) and (test.n_repeats == 3).all()
     sample = next(iter_split(out, manifest, 1, "val", with_images=True))
@@ -158,6 +163,29 @@ def test_nsd_conversion_keeps_every_trial_z_scored_without_the_shared_trials(con
     assert sample["captions"] == [f"image {i} caption 0", f"image {i} caption 1"]
     assert sample["labels"].tolist() == [float((i + c) % 3 == 0) for c in CATEGORIES]
     assert not (out / ".convert").joinpath("subj01").exists()  # scratch removed when complete
+
+
+def test_the_training_trials_of_the_first_session(converted, tmp_path, monkeypatch):
+    """`loader(sessions=1)`: each training image keeps its trials of session 1 (trials 0-749), or is dropped."""
+    _, out, truth = converted
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(tmp_path))
+    data = SubjectData(config.load(ROOT / "train/configs/mindeye2_finetune_tiny.yaml", [f"data.root={out}"]), [1])
+    full = load_split(out, load_manifest(out), 1, "train")
+    first = data.loader(0, 1, sessions=1).split
+    kept = {}  # training image -> positions among its trials of those in session 1
+    for image_id in full.image_ids.tolist():
+        in_first = np.flatnonzero(np.flatnonzero(truth["trials"] == image_id) < 750)
+        if len(in_first):
+            kept[image_id] = in_first
+    assert 0 < len(kept) < len(full) and any(len(k) < int(r) for k, r in zip(kept.values(), full.n_repeats))
+    assert first.image_ids.tolist() == list(kept)
+    assert first.n_repeats.tolist() == [len(k) for k in kept.values()]
+    assert int(first.n_repeats.sum()) == sum(int(i) in kept for i in truth["trials"][:750])
+    index = {i: n for n, i in enumerate(full.image_ids.tolist())}
+    for n, (image_id, positions) in enumerate(kept.items()):
+        assert torch.equal(first.voxels[n, : len(positions)], full.voxels[index[image_id], positions])
+        assert not first.voxels[n, len(positions) :].any() and (first.sessions[n, : len(positions)] == 1).all()
+    assert torch.equal(data.loader(0, 1, sessions=3).split.voxels, full.voxels)  # more sessions than converted: all
 
 
 def test_a_second_conversion_of_the_same_subject_changes_nothing(converted, capsys):
@@ -187,8 +215,8 @@ def test_an_interrupted_conversion_resumes_to_byte_identical_shards(converted, t
     real_encoded = ShardWriter.write_encoded
 
     def write_then_die(self, key, fields):
-        if len(written) == 150:
-            raise KeyboardInterrupt  # killed in the middle of the train split
+        if len(written) == 155:
+            raise KeyboardInterrupt  # killed in the middle of the train split (and of a shard)
         written.append(key)
         real_encoded(self, key, fields)
 
@@ -232,7 +260,7 @@ def test_god_subjects_are_refused_by_a_folder_of_nsd_before_anything_is_written(
                         "--val", "3"]) == 2
         captured = capsys.readouterr()
         assert not captured.out and captured.err == (
-            f"error: {out}: holds dataset 'nsd' (converter data.convert.nsd version 1), not god (data.convert.god "
+            f"error: {out}: holds dataset 'nsd' (converter data.convert.nsd version 2), not god (data.convert.god "
             f"version 1); convert god subject {subject} into another folder\n")
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
 

@@ -47,19 +47,35 @@ def test_voxel_count_disagreeing_with_manifest(dataset_copy):
     assert "299" in _one_line(e) and "subj01/val" in str(e.value)
 
 
+def _load_error(root, samples: list[Sample]) -> pytest.ExceptionInfo:
+    """The DataError of reading a train split of subject 1 (10 voxels) made of `samples`."""
+    writer = ShardWriter(root, "subj01/train")
+    for sample in samples:
+        writer.write(sample)
+    shards = writer.close()
+    manifest = {"format": "fmri-shards/1", "shards": shards, "subjects": {"1": {"n_voxels": 10, "splits": {
+        "train": {"n_samples": len(samples), "shards": list(shards)}}}}}
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError) as e:
+        load_split(root, load_manifest(root), 1, "train")
+    return e
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_nan_or_inf_voxels(tmp_path, bad):
     voxels = np.zeros((3, 10), np.float32)
     voxels[1, 4] = bad
-    writer = ShardWriter(tmp_path, "subj01/train")
-    writer.write(Sample(1, 7, voxels, np.zeros((8, 8, 3), np.uint8), np.zeros(20, np.float32), ["x"]))
-    shards = writer.close()
-    manifest = {"format": "fmri-shards/1", "shards": shards,
-                "subjects": {"1": {"n_voxels": 10, "splits": {"train": {"n_samples": 1, "shards": list(shards)}}}}}
-    (tmp_path / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(DataError) as e:
-        load_split(tmp_path, load_manifest(tmp_path), 1, "train")
+    e = _load_error(tmp_path, [Sample(1, 7, voxels, np.zeros((8, 8, 3), np.uint8), np.zeros(20, np.float32), ["x"])])
     assert "subj01/train-000000.tar" in _one_line(e) and "s01_000007" in str(e.value) and "NaN or Inf" in str(e.value)
+
+
+@pytest.mark.parametrize("case", ["length", "mixed"])
+def test_trial_sessions_that_disagree_with_the_trials(tmp_path, case):
+    e = _load_error(tmp_path, [Sample(1, image_id, np.zeros((3, 10), np.float32), None, np.zeros(20, np.float32), ["x"],
+                                      None if sessions is None else np.array(sessions))
+                               for image_id, sessions in ((7, [1, 2] if case == "length" else [1, 1, 2]), (8, None))])
+    expected = "s01_000007 has sessions of shape (2,)" if case == "length" else "1 of 2 samples record no trial sessions"
+    assert expected in _one_line(e)
 
 
 def test_missing_or_foreign_manifest(tmp_path):

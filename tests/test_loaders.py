@@ -1,8 +1,15 @@
+from dataclasses import replace
+
+import pytest
 import torch
 
 from data.loaders import MemoryLoader, StreamLoader
 from data.shards import load_manifest
 from data.splits import SplitArrays, concat_splits, load_split, stream_split
+from data.subject_data import SubjectData
+from models.errors import ConfigError
+from tests.conftest import ROOT
+from train import config
 
 
 def _split(n=40, r=3, v=6) -> SplitArrays:
@@ -81,3 +88,42 @@ def test_subjects_concatenate_padded_and_batches_mix_them(small_dataset):
     assert set(batch["subjects"].tolist()) == {1, 2}
     rows = [torch.nonzero(both.image_ids == i).item() for i in batch["image_ids"]]
     assert batch["subjects"].tolist() == both.subjects[rows].tolist()
+
+
+def test_first_sessions_keeps_those_trials_in_order_and_drops_samples_without_any():
+    split = _split(n=3, r=3, v=2)
+    split.voxels[1, 2] = 0  # beyond sample 1's 2 repeats
+    split = replace(split, n_repeats=torch.tensor([3, 2, 3]), sessions=torch.tensor([[1, 2, 1], [2, 3, 0], [2, 1, 2]]))
+    first = split.first_sessions(1)
+    assert first.image_ids.tolist() == [1000, 1002] and first.n_repeats.tolist() == [2, 1]
+    assert torch.equal(first.voxels[0], split.voxels[0, [0, 2]])
+    assert torch.equal(first.voxels[1, 0], split.voxels[2, 1]) and not first.voxels[1, 1].any()
+    assert first.sessions.tolist() == [[1, 1], [1, 0]]
+    assert split.head(2).sessions.tolist() == [[1, 2, 1], [2, 3, 0]]
+    every = split.first_sessions(5)
+    assert all(torch.equal(getattr(every, k), getattr(split, k)) for k in ("voxels", "n_repeats", "sessions"))
+    both = concat_splits([first, split])
+    assert both.sessions.tolist() == [[1, 1, 0], [1, 0, 0], *split.sessions.tolist()]
+    assert concat_splits([first, replace(split, sessions=None)]).sessions is None
+
+
+def test_selecting_sessions_needs_recorded_sessions_and_the_memory_loader(small_dataset, tmp_path, monkeypatch):
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(tmp_path))
+
+    def data(*overrides: str) -> SubjectData:
+        cfg = config.load(ROOT / "train/configs/mindeye2_finetune_tiny.yaml", [f"data.root={small_dataset}", *overrides])
+        return SubjectData(cfg, [1])
+
+    assert load_split(small_dataset, load_manifest(small_dataset), 1, "train").sessions is None  # no sessions.npy
+    assert len(data().loader(0, 1).split) == 96  # shards without sessions load as before
+    with pytest.raises(ConfigError) as e:
+        data().loader(0, 1, sessions=1)
+    assert str(e.value) == (f"data.sessions=1: {small_dataset} records no trial sessions (NSD converted by this "
+                            "version does; on the simulated brain use data.share)")
+    for loader, kwargs, expected in (("memory", {"sessions": 0}, "data.sessions=0: expected at least 1"),
+                                     ("memory", {"sessions": 1, "share": 0.5}, "select by one of them"),
+                                     ("stream", {"sessions": 1}, "need the 'memory' loader")):
+        with pytest.raises(ConfigError, match=expected):
+            data(f"data.loader={loader}").loader(0, 1, **kwargs)
+    with pytest.raises(ConfigError, match="data.sessions=0: expected at least 1"):
+        data("data.sessions=0")

@@ -160,7 +160,7 @@ RANGES: dict[str, tuple] = {
                      "classifier_hidden", "map_channels", "map_side", "norm_groups", "n_context", "context_dim",
                      "n_subject_tokens", "llv_pool", "width", "output_dim", "embed_dim", "context_length",
                      "vocab_size", "n_repeats", "n_subjects", "n_train", "n_test", "shard_max_bytes", "subject",
-                     "stage"), _AT_LEAST_1),
+                     "stage", "sessions"), _AT_LEAST_1),
     **dict.fromkeys(("val_every", "warmup_epochs", "num_workers", "weight_decay", "grad_clip", "seed", "n_val",
                      "n_voxels", "bce", "orth", "rsa_hlv", "rsa_llv", "recon", "self_contrast", "cross_contrast",
                      "fmri_recon", "image_recon", "loss_weight", "contrastive_weight", "mix_alpha", "guidance",

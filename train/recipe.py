@@ -20,6 +20,8 @@ is the dtype of its inputs; `split` is "train", "val" or "test".
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import torch
@@ -111,9 +113,30 @@ class RefinesLatents(Generates, Protocol):
     def start_from(self, lowlevel: PredictsLatents) -> None: ...
 
 
+@dataclass
+class Planned:
+    """What the memory planner sizes: the trained `model`; `forward(micro_batch, ranks)`, one
+    rank's training forward pass of synthetic inputs in the model's dtype and device, reduced
+    to a scalar to backward through (with what its loss gathers from the other ranks); the
+    `frozen` modules a run keeps on the device beside the model."""
+    model: nn.Module
+    forward: Callable[[int, int], torch.Tensor]
+    frozen: list[nn.Module] = field(default_factory=list)
+
+
+class PlansMemory(Protocol):
+    """Sized by the memory planner (`python -m benchmarks.plan`) from its config alone: no
+    data, no weight files; the planner builds it on the meta device."""
+
+    @classmethod
+    def planned(cls, cfg: DictConfig, voxel_counts: list[int]) -> Planned:
+        """`voxel_counts`: each trained subject's voxels, in `data.subjects` order."""
+        ...
+
+
 CAPABILITIES: dict[str, type] = {
     "scores": HeldOutScores, "embeddings": Embeds, "labels": PredictsLabels, "generation": Generates,
-    "latents": PredictsLatents, "refines": RefinesLatents,
+    "latents": PredictsLatents, "refines": RefinesLatents, "memory": PlansMemory,
 }
 TRAINING_KINDS: dict[str, type] = {"trained": Trained, "fitted": Fitted}
 

@@ -14,7 +14,8 @@ Files read under `--root` (the layout of NSD's own download):
 Every session file is checked (its header: shape, trial count, numeric betas) before any is
 read. Voxels are ordered as numpy orders `mask > 0` on the NIfTI grid (x, y, z). Each session is
 z-scored per voxel with the mean and standard deviation of its trials that show none of the
-shared-1000 images. One sample per image holds all its trials ([n_repeats, V]); the test
+shared-1000 images. One sample per image holds all its trials ([n_repeats, V]) and their
+1-based sessions (trial t of the converted sequence is in session t // 750 + 1); the test
 split is the shared images seen 3 times in the converted sessions (shared images seen fewer
 times are left out and counted), validation is `--val` of the subject's own images
 (`common.carve_val`), and training is the rest. Image ids are NSD's 0-based 73k indices.
@@ -40,7 +41,7 @@ from data.convert.output import SplitSource, SubjectSource
 from data.files import atomic_write_text
 from data.shards import DataError, Sample
 
-VERSION = 1
+VERSION = 2  # 2: samples record each trial's session
 VOXELS = {1: 15724, 2: 14278, 3: 15226, 4: 13153, 5: 13039, 6: 17907, 7: 12682, 8: 14386}  # nsdgeneral, mask > 0
 SESSIONS = {1: 40, 2: 40, 3: 32, 4: 30, 5: 40, 6: 32, 7: 40, 8: 30}
 GRID = (81, 104, 83)  # func1pt8mm
@@ -246,7 +247,8 @@ def read_subject(args: argparse.Namespace, work: Path) -> SubjectSource:
                 images = f["imgBrick"]
                 for i in ids[start:]:
                     labels, captions = meta[i]
-                    yield Sample(s, i, betas.read(rows, trials[i]), images[i], labels, captions)
+                    yield Sample(s, i, betas.read(rows, trials[i]), images[i], labels, captions,
+                                 np.array(trials[i]) // TRIALS + 1)
         return SplitSource(len(ids), samples)
 
     partial = sum(1 for i in shared if i in trials and len(trials[i]) < 3)

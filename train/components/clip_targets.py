@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from data.clip_weights import config_weights
 from data.subject_data import SubjectData
 from data.targets import TargetTable, cached_targets
-from models.clip_image import build_clip_image
+from models.clip_image import build_clip_image, target_shape
 from models.errors import ConfigError
 
 
@@ -53,6 +53,14 @@ def clip_encoder(c: DictConfig):
         return build_clip_image(k["arch"], state, k["target"], quick_gelu, k["seed"], k["tiny"])
     except ValueError as e:
         raise ConfigError(str(e) if state is None else f"{c.weights}: {e} (clip.weights for clip.arch={c.arch})") from None
+
+
+def clip_target_shape(c: DictConfig) -> tuple[int, int]:
+    """(tokens, dim) of the targets of `clip.*`, from the architecture alone (no weights)."""
+    try:
+        return target_shape(c.arch, c.target, OmegaConf.to_container(c.tiny) if c.tiny is not None else None)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def clip_targets(c: DictConfig, data: SubjectData, encoder) -> TargetTable:

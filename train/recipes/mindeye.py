@@ -22,7 +22,8 @@ from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye import MindEye, MindEyeBackbone
 from train import distributed
 from train.components.clip_loss import ClipLossConfig
-from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_target_shape, clip_targets
+from train.components.memory_plan import clip_prior_forward
 from train.components.precision import engine_dtype
 from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig, retrieval_scores
@@ -30,7 +31,7 @@ from train.components.seeding import step_seed
 from train.components.vae_source import vae_source
 from train.config import ConfigError, GenerationKeys, RunConfig
 from train.losses import bimixco, cosine_anneal, mix_voxels, soft_clip
-from train.recipe import Embeds, HeldOutScores, PredictsLatents, RefinesLatents, Trained
+from train.recipe import Embeds, HeldOutScores, Planned, PlansMemory, PredictsLatents, RefinesLatents, Trained
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ class Config(RunConfig):
     eval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
-class Recipe(Trained, HeldOutScores, Embeds, RefinesLatents):
+class Recipe(Trained, HeldOutScores, Embeds, RefinesLatents, PlansMemory):
     Config = Config
 
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
@@ -92,6 +93,20 @@ class Recipe(Trained, HeldOutScores, Embeds, RefinesLatents):
         self.cfg, self.rank, self.device, self.targets = cfg, rank, device, targets
         self._build(n_voxels, *targets.values.shape[1:])
         return self
+
+    @classmethod
+    def planned(cls, cfg: DictConfig, voxel_counts: list[int]) -> Planned:
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        n_tokens, dim = clip_target_shape(cfg.clip)
+        self._build(voxel_counts[0], n_tokens, dim)
+        model = self.model
+
+        def run(b: int, prior_inputs: dict) -> tuple:
+            p = next(model.parameters())
+            return model(torch.zeros(b, voxel_counts[0], dtype=p.dtype, device=p.device), **prior_inputs)
+
+        return Planned(model, lambda b, ranks: clip_prior_forward(model, self.diffusion, n_tokens, dim, run, b, ranks)[0])
 
     def _build(self, n_voxels: int, n_tokens: int, dim: int) -> None:
         cfg, p = self.cfg, self.cfg.prior

@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms import v2
 
+from data.pretrained_weights import load_convnext_features
 from data.subject_data import SubjectData
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
@@ -36,20 +37,22 @@ from train import distributed
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.components.blurry_targets import BlurryTargets, TeacherConfig, VAEConfig
 from train.components.clip_loss import ClipLossConfig
-from train.components.clip_targets import ClipConfig, clip_encoder, clip_targets
+from train.components.clip_targets import ClipConfig, clip_encoder, clip_target_shape, clip_targets
+from train.components.memory_plan import clip_prior_forward, gathered
 from train.components.precision import engine_dtype
 from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig
 from train.components.seeding import step_seed
 from train.config import ConfigError, DataConfig, RunConfig
 from train.losses import bimixco, cosine_anneal, mix_within_subjects, soft_clip, soft_contrastive
-from train.recipe import Embeds, HeldOutScores, Trained
+from train.recipe import Embeds, HeldOutScores, Planned, PlansMemory, Trained
 
 
 @dataclass
 class MultiSubjectDataConfig(DataConfig):
     subjects: list[int] = field(default_factory=list)  # trained together; empty: every subject (data.subject: scored first)
     share: float = 1.0  # of each subject's training images, the first ones (a "one session" fine-tuning)
+    sessions: int | None = None  # only the trials of each subject's sessions 1..N (NSD's "one session": 1)
 
 
 @dataclass
@@ -90,7 +93,7 @@ class Config(RunConfig):
     eval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
 
-class Recipe(Trained, HeldOutScores, Embeds):
+class Recipe(Trained, HeldOutScores, Embeds, PlansMemory):
     Config = Config
 
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
@@ -118,21 +121,59 @@ class Recipe(Trained, HeldOutScores, Embeds):
                 v2.RandomGrayscale(p=0.1),
                 v2.RandomSolarize(0.5, p=0.1),
             ])
-        counts = [d.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects]
-        n_tokens, dim = self.targets.values.shape[1:]
-        p = cfg.prior
-        backbone = MindEye2Backbone(m.hidden, m.n_blocks, m.dropout, n_tokens, dim, m.blurry,
-                                    blurry_dropout=m.blurry_dropout, checkpoint_blocks=m.checkpoint_blocks)
-        prior = PriorNetwork(dim, n_tokens, p.depth, p.heads, p.dim_head, checkpoint_layers=p.checkpoint_layers) \
-            if p.enabled else None
-        self.model = MindEye2(SubjectRidge(counts, m.hidden), backbone, prior)
-        self.diffusion = PriorDiffusion(prior, dim, p.timesteps, p.cond_drop_prob, scale_targets=False) if p.enabled else None
+        self._build([d.manifest["subjects"][str(s)]["n_voxels"] for s in self.subjects], *self.targets.values.shape[1:])
         if cfg.init.checkpoint:
             self._start_from(cfg.init.checkpoint)
         self.mix_epochs = int(cfg.loss.mix_fraction * cfg.train.epochs)
         self.soft_taus = cosine_anneal(cfg.loss.soft_tau_start, cfg.loss.soft_tau_end, cfg.train.epochs - self.mix_epochs)
         if train:
-            self.loader = d.loader(rank, world, balanced=len(self.subjects) > 1, share=cfg.data.share)
+            self.loader = d.loader(rank, world, balanced=len(self.subjects) > 1, share=cfg.data.share,
+                                  sessions=cfg.data.sessions)
+
+    def _build(self, voxel_counts: list[int], n_tokens: int, dim: int) -> None:
+        m, p = self.cfg.model, self.cfg.prior
+        backbone = MindEye2Backbone(m.hidden, m.n_blocks, m.dropout, n_tokens, dim, m.blurry,
+                                    blurry_dropout=m.blurry_dropout, checkpoint_blocks=m.checkpoint_blocks)
+        prior = PriorNetwork(dim, n_tokens, p.depth, p.heads, p.dim_head, checkpoint_layers=p.checkpoint_layers) \
+            if p.enabled else None
+        self.model = MindEye2(SubjectRidge(voxel_counts, m.hidden), backbone, prior)
+        self.diffusion = PriorDiffusion(prior, dim, p.timesteps, p.cond_drop_prob, scale_targets=False) if p.enabled else None
+
+    @classmethod
+    def planned(cls, cfg: DictConfig, voxel_counts: list[int]) -> Planned:
+        """The subjects' rows go through their own linear layers directly (`SubjectRidge` finds
+        them with a data-dependent `nonzero`, which the meta device cannot run), an equal share
+        each; the blurry branch's L1 and contrastive losses are counted, the teacher is frozen."""
+        self = cls.__new__(cls)
+        self.cfg = cfg
+        n_tokens, dim = clip_target_shape(cfg.clip)
+        self._build(voxel_counts, n_tokens, dim)
+        model, c = self.model, cfg.loss
+
+        def run(b: int, prior_inputs: dict) -> tuple:
+            p = next(model.parameters())
+            shares = [len(part) for part in torch.arange(b).chunk(len(voxel_counts))]
+            latent = torch.cat([linear(torch.zeros(n, v, dtype=p.dtype, device=p.device)) for linear, v, n
+                                in zip(model.ridge.linears, voxel_counts, shares)])[:, None]
+            tokens, projected, blurry = model.backbone(latent)
+            out = (tokens, projected, blurry)
+            return (*out, model.prior(brain=tokens, **prior_inputs)) if prior_inputs else out
+
+        def forward(b: int, ranks: int) -> torch.Tensor:
+            loss, out = clip_prior_forward(model, self.diffusion, n_tokens, dim, run, b, ranks)
+            if out[2] is not None:
+                latents, features = out[2]
+                loss = loss + F.l1_loss(latents.float(), torch.zeros_like(latents, dtype=torch.float32))
+                teacher = gathered(torch.zeros_like(features, dtype=torch.float32), ranks)
+                loss = loss + soft_contrastive(gathered(features.float(), ranks), teacher, teacher, c.contrastive_tau)
+            return loss
+
+        frozen = []
+        if cfg.model.blurry:
+            t = cfg.teacher
+            frozen.append(load_convnext_features(t.arch, "random", t.stage, t.image_size, 7, t.seed,
+                                                 OmegaConf.to_container(t.tiny) if t.tiny is not None else None))
+        return Planned(model, forward, frozen)
 
     def _start_from(self, path: str) -> None:
         """The backbone and prior of a pretraining run; the subjects' linear layers stay new
