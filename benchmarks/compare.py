@@ -3,8 +3,9 @@ from __future__ import annotations
 
 # Figure name endings -> whether larger is better; anything else is not compared.
 HIGHER = ("samples_per_s", "samples_per_s_with_targets", "voxels_per_s", "engine_over_reference", "mfu", "images_per_s")
-LOWER = ("step_ms", "peak_memory_per_rank", "params_per_rank", "optimizer_per_rank")
-MEMORY = ("peak_memory_per_rank", "params_per_rank", "optimizer_per_rank")
+MEMORY = ("peak_memory_per_rank", "params_per_rank", "optimizer_per_rank", "gradients_per_rank", "activations_per_rank",
+          "live_per_rank")
+LOWER = ("step_ms", *MEMORY)
 
 
 def figures(results: dict) -> dict[str, float]:

@@ -77,7 +77,7 @@ def markdown(results: dict, share: float) -> str:
         cells = [f"{s[name]['forward_top1']:.1f} / {s[name]['backward_top1']:.1f}" for s in results["seeds"].values()]
         m = results["mean"][name]
         rows.append(f"| {label[name]} | " + " | ".join(cells) + f" | {m['forward_top1']:.1f} / {m['backward_top1']:.1f} |")
-    return "\n".join([f"Subject 1, test retrieval top-1 (%, {n_way}-way), image / brain direction:", "", *rows, ""])
+    return "\n".join([f"Subject 1, test top-1 (%, {n_way}-way), image retrieval / brain retrieval:", "", *rows, ""])
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

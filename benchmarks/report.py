@@ -27,11 +27,16 @@ def step_table(runs: dict) -> list[str]:
          f"{_mfu(r['reference'])} / {_mfu(r['engine'])}"] for name, r in runs.items()])
 
 
+def _mib(s: dict, key: str) -> str:
+    return f"{s[key] / MIB:.1f} MiB" if key in s else "n/a"
+
+
 def zero_table(name: str, r: dict) -> list[str]:
-    columns = ["ZeRO stage", "parameters/rank", "optimizer state/rank", "parameters vs first", "optimizer vs first",
-               "peak memory/rank"]
-    rows = [[stage[4:], f"{s['params_per_rank'] / MIB:.1f} MiB", f"{s['optimizer_per_rank'] / MIB:.1f} MiB",
-             f"{s['params_vs_first']:.2f}", f"{s['optimizer_vs_first']:.2f}", f"{s['peak_memory_per_rank'] / MIB:.0f} MiB"]
+    columns = ["ZeRO stage", "parameters/rank", "gradients/rank", "optimizer state/rank", "live bytes of a step/rank",
+               "parameters vs first", "optimizer vs first", "peak memory/rank"]
+    rows = [[stage[4:], _mib(s, "params_per_rank"), _mib(s, "gradients_per_rank"), _mib(s, "optimizer_per_rank"),
+             _mib(s, "live_per_rank"), f"{s['params_vs_first']:.2f}", f"{s['optimizer_vs_first']:.2f}",
+             f"{s['peak_memory_per_rank'] / MIB:.0f} MiB"]
             for stage, s in r.items() if stage.startswith("zero")]
     return [f"{name}: {r['n_params'] / 1e6:.1f} M parameters, {r['ranks']} ranks", "", *_table(columns, rows)]
 

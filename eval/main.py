@@ -35,8 +35,11 @@ from train import registry  # noqa: E402  (the one use of train/: recipes by nam
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m eval", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, required=True, help="run folder, checkpoint folder, or weights file (with --config)")
-    p.add_argument("--config", type=Path, default=None, help="recipe YAML (default: the one saved with the checkpoint)")
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="run folder, checkpoint folder, or weights file (with --config, optional for MindEye 2's)")
+    p.add_argument("--config", type=Path, default=None,
+                   help="recipe YAML (default: the one saved with the checkpoint; for a MindEye 2 file, its paper "
+                        "config, with the model sizes its keys give)")
     p.add_argument("--recons", type=Path, default=None, help="reconstructions: folder of <test id>.png, or .pt/.npy tensor")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: RUN_DIR/eval)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing report in --out")

@@ -113,7 +113,7 @@ def test_eval_reports_retrieval_per_subject_and_the_blurry_branch(pretrained, ca
 TRANSFER = ["data.simulator.n_train=300", "data.simulator.n_val=20", "data.simulator.n_test=100",
             "data.simulator.image_size=32", "model.hidden=128", "model.n_blocks=1", "prior.enabled=false",
             "model.blurry=false", "ds.bf16.enabled=false"]
-TRANSFER_MARGIN = 3.0  # top-1 points; measured at seed 0: +8 (image -> brain) and +10 (brain -> image)
+TRANSFER_MARGIN = 3.0  # top-1 points; measured at seed 0: +8 (image retrieval) and +10 (brain retrieval)
 
 
 def test_pretraining_on_other_subjects_beats_scratch_on_a_small_share(cache, tmp_path, monkeypatch):

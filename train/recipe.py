@@ -85,10 +85,13 @@ class Generates(Protocol):
     """Image generation from voxels: `python -m train.reconstruct` writes the test split's
     images, and `python -m eval --recons` scores them with the image metrics. The config has
     a `generation` section with at least `n_samples`, `batch_size` and `seed`
-    (`train.config.GenerationKeys`)."""
+    (`train.config.GenerationKeys`). `averages_outputs`: the recipe is given each sample's
+    repeats, not their mean, and averages what the model computes from each (MindEye 2)."""
+    averages_outputs: ClassVar[bool] = False
 
     def generate(self, voxels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Repeat-averaged voxels [B, V] -> images [B, generation.n_samples, 3, H, W] in [0, 1];
+        """Repeat-averaged voxels [B, V] (with `averages_outputs`: the repeats [B, R, V], zero
+        rows beyond a sample's count) -> images [B, generation.n_samples, 3, H, W] in [0, 1];
         sample j's randomness comes from seeds[j] alone."""
         ...
 

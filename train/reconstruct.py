@@ -60,7 +60,7 @@ def generate(recipe, out: Path, rank: int = 0, world: int = 1) -> int:
     returns how many test samples it did."""
     gen = recipe.cfg.generation
     arrays = recipe.data.split("test")
-    ids, voxels = arrays.image_ids.tolist(), arrays.repeat_mean()
+    ids, voxels = arrays.image_ids.tolist(), arrays.voxels.float() if recipe.averages_outputs else arrays.repeat_mean()
     n_images = gen.n_samples
     mine = [i for i in range(rank, len(ids), world) if not (out / generation_names(ids[i], n_images)[-1]).is_file()]
     out.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,7 @@ from models.errors import InputError
 CONVERTERS = {  # dataset name -> module with VERSION, add_arguments(parser), read_subject(args, work)
     "nsd": "data.convert.nsd",
     "mindeye1": "data.convert.mindeye1",
+    "mindeye2": "data.convert.mindeye2",
     "god": "data.convert.god",
     "bold5000": "data.convert.bold5000",
     "hcp-rest": "data.convert.hcp_rest",

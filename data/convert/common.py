@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 from PIL import Image
+from webdataset.tariterators import base_plus_ext
 
 from data.convert.output import SplitSource
 from data.shards import DataError, Sample
@@ -40,6 +43,34 @@ def read_lines(path: Path, what: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
+def tar_samples(tar: tarfile.TarFile):
+    """(key, {field: member}) of each sample of an open webdataset tar, in order (a sample's files are
+    adjacent), split as webdataset splits names (`base_plus_ext`, fields lower-cased)."""
+    named = ((*base_plus_ext(m.name), m) for m in tar if m.isreg())
+    for key, group in itertools.groupby((n for n in named if n[0] is not None), key=lambda n: n[0]):
+        yield key, {field.lower(): m for _, field, m in group}
+
+
+def npy_bytes(data: bytes, where: str) -> np.ndarray:
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as e:  # noqa: BLE001 - any unreadable array gets the same one-line error
+        raise DataError(f"{where}: not a readable .npy array ({reason(e)})") from None
+
+
+def read_tar(path: Path, read: Callable[[tarfile.TarFile, str, dict], T]) -> list[T]:
+    """`read(tar, key, members)` of every sample of a webdataset tar (`tar_samples`), in order; a
+    DataError names the tar if it is unreadable (truncated?) or holds no sample."""
+    try:
+        with tarfile.open(path) as tar:
+            out = [read(tar, key, members) for key, members in tar_samples(tar)]
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise DataError(f"{path}: not a readable tar ({reason(e)}); truncated?") from None
+    if not out:
+        raise DataError(f"{path}: no samples (an empty tar)")
+    return out
+
+
 def check_voxels(dtype, where: str, scaled: bool = True) -> None:
     """Voxel values must be real numbers (not strings, objects, booleans or complex numbers).
     Integers only where the converter scales them (`scaled`: it z-scores them): stored
@@ -65,6 +96,13 @@ def check_image(source: Path | bytes, where: str) -> tuple[int, int]:
         raise DataError(f"{where}: unreadable image ({reason(e)})") from None
 
 
+def check_shape(actual: tuple[int, ...], where: str, shape: tuple[int | None, ...], note: str = "") -> None:
+    """`actual` must be `shape` (None: any size on that axis); `where` and `note` as for `check_array`."""
+    if len(actual) != len(shape) or any(n is not None and n != m for n, m in zip(shape, actual)):
+        expected = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
+        raise DataError(f"{where} has shape {tuple(actual)}, expected {expected}{f' ({note})' if note else ''}")
+
+
 def check_array(a: np.ndarray, where: str, shape: tuple[int | None, ...], note: str = "",
                 voxels: bool = False) -> np.ndarray:
     """`a` must have `shape` (None: any size on that axis) and, if floating point, only finite
@@ -72,9 +110,7 @@ def check_array(a: np.ndarray, where: str, shape: tuple[int | None, ...], note: 
     `where` ("<file>: key 'x'") and `note` (what the expected sizes come from) go into the error."""
     if voxels:
         check_voxels(a.dtype, where)
-    if a.ndim != len(shape) or any(n is not None and n != m for n, m in zip(shape, a.shape)):
-        expected = "(" + ", ".join("*" if n is None else str(n) for n in shape) + ")"
-        raise DataError(f"{where} has shape {a.shape}, expected {expected}{f' ({note})' if note else ''}")
+    check_shape(a.shape, where, shape, note)
     if a.dtype.kind == "f" and not np.isfinite(a).all():
         raise DataError(f"{where} has NaN or Inf values (first at index {tuple(np.argwhere(~np.isfinite(a))[0].tolist())})")
     return a

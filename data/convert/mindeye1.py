@@ -28,17 +28,14 @@ train (or val) samples is kept, as MindEye 1's loader keeps it: the manifest cou
 from __future__ import annotations
 
 import argparse
-import io
-import itertools
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from data.convert.coco import coco_annotations
-from data.convert.common import NO_LABELS, check_image, check_voxels, reason
+from data.convert.common import NO_LABELS, check_image, check_voxels, npy_bytes, read_tar, tar_samples
 from data.convert.output import SplitSource, SubjectSource
 from data.files import read_json
 from data.shards import DataError, Sample, sample_key
@@ -76,21 +73,6 @@ def _tars(root: Path, split: str, subject: int, n: int) -> list[Path]:
     return paths
 
 
-def _groups(tar: tarfile.TarFile):
-    """(key, {field: member}) of each sample of an open shard, in order (a sample's files are
-    adjacent), split as webdataset splits names (`base_plus_ext`, fields lower-cased)."""
-    named = ((*base_plus_ext(m.name), m) for m in tar if m.isreg())
-    for key, group in itertools.groupby((n for n in named if n[0] is not None), key=lambda n: n[0]):
-        yield key, {field.lower(): m for _, field, m in group}
-
-
-def _npy(data: bytes, where: str) -> np.ndarray:
-    try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as e:  # noqa: BLE001 - any unreadable array gets the same one-line error
-        raise DataError(f"{where}: not a readable .npy array ({reason(e)})") from None
-
-
 def _read(tar: tarfile.TarFile, path: Path, key: str, members: dict, check: bool) -> tuple[int, np.ndarray, bytes]:
     """(image id, trials float32 [r, V] without the -1 rows, JPEG bytes) of one sample; `check`
     also decodes the JPEG."""
@@ -99,7 +81,7 @@ def _read(tar: tarfile.TarFile, path: Path, key: str, members: dict, check: bool
         raise DataError(f"{path}: sample {key} has no {', '.join(missing)}")
     data = {f: tar.extractfile(members[f]).read() for f in FIELDS}
     where = f"{path}: member {key}.nsdgeneral.npy"
-    voxels = _npy(data["nsdgeneral.npy"], where)
+    voxels = npy_bytes(data["nsdgeneral.npy"], where)
     check_voxels(voxels.dtype, where, scaled=False)
     if voxels.ndim != 2:
         raise DataError(f"{where} has shape {voxels.shape}, expected (repeats, voxels)")
@@ -107,7 +89,7 @@ def _read(tar: tarfile.TarFile, path: Path, key: str, members: dict, check: bool
     trials = trials[~(trials == -1).all(1)]
     if len(trials) == 0 or not np.isfinite(trials).all():
         raise DataError(f"{where}: {'no trial (every row is -1)' if len(trials) == 0 else 'NaN or Inf voxels'}")
-    coco = _npy(data["coco73k.npy"], f"{path}: member {key}.coco73k.npy")
+    coco = npy_bytes(data["coco73k.npy"], f"{path}: member {key}.coco73k.npy")
     kind = coco.dtype.kind
     if coco.size != 1 or not (kind in "iu" or kind == "f" and float(coco.ravel()[0]).is_integer()):
         raise DataError(f"{path}: member {key}.coco73k.npy holds {coco.dtype} {coco.shape}, expected one image id")
@@ -126,24 +108,17 @@ class _Entry:
 
 def _index(path: Path) -> list[_Entry]:
     """Every sample of a shard, read and checked whole (the voxels, the image id, the JPEG)."""
-    out = []
-    try:
-        with tarfile.open(path) as tar:
-            for key, members in _groups(tar):
-                image_id, trials, _ = _read(tar, path, key, members, check=True)
-                out.append(_Entry(path, key, image_id, trials.shape[1]))
-    except (tarfile.TarError, OSError, EOFError) as e:
-        raise DataError(f"{path}: not a readable tar ({reason(e)}); truncated?") from None
-    if not out:
-        raise DataError(f"{path}: no samples (an empty tar)")
-    return out
+    def entry(tar: tarfile.TarFile, key: str, members: dict) -> _Entry:
+        image_id, trials, _ = _read(tar, path, key, members, check=True)
+        return _Entry(path, key, image_id, trials.shape[1])
+    return read_tar(path, entry)
 
 
 def _samples(paths: list[Path], subject: int, meta: dict, start: int):
     index = 0
     for path in paths:
         with tarfile.open(path) as tar:
-            for key, members in _groups(tar):
+            for key, members in tar_samples(tar):
                 if index >= start:
                     image_id, trials, jpg = _read(tar, path, key, members, check=False)
                     labels, captions = meta.get(image_id, (NO_LABELS, []))

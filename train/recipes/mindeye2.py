@@ -30,6 +30,7 @@ from torchvision.transforms import v2
 from data.pretrained_weights import load_convnext_features
 from data.subject_data import SubjectData
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
+from models.image_variation import decode_latents
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
 from models.scores import pearson_along, retrieval
 from models.strict_load import StateMismatch, load_strict
@@ -43,9 +44,9 @@ from train.components.precision import engine_dtype
 from train.components.prior import PriorConfig
 from train.components.retrieval import RetrievalConfig
 from train.components.seeding import step_seed
-from train.config import ConfigError, DataConfig, RunConfig
+from train.config import ConfigError, DataConfig, GenerationKeys, RunConfig
 from train.losses import bimixco, cosine_anneal, mix_within_subjects, soft_clip, soft_contrastive
-from train.recipe import Embeds, HeldOutScores, Planned, PlansMemory, Trained
+from train.recipe import Embeds, Generates, HeldOutScores, Planned, PlansMemory, Trained
 
 
 @dataclass
@@ -79,6 +80,13 @@ class InitConfig:
 
 
 @dataclass
+class GenerationConfig(GenerationKeys):
+    """`python -m train.reconstruct`: the blurry branch's latents, averaged over each test
+    image's repeats as MindEye 2 averages outputs, decoded by the VAE (one image per sample)."""
+    source: str = "blurry"
+
+
+@dataclass
 class Config(RunConfig):
     recipe: str = "mindeye2"
     run_dir: str = "runs/mindeye2"
@@ -91,10 +99,12 @@ class Config(RunConfig):
     loss: LossConfig = field(default_factory=LossConfig)
     init: InitConfig = field(default_factory=InitConfig)
     eval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
 
 
-class Recipe(Trained, HeldOutScores, Embeds, PlansMemory):
+class Recipe(Trained, HeldOutScores, Embeds, Generates, PlansMemory):
     Config = Config
+    averages_outputs = True
 
     def __init__(self, cfg: DictConfig, rank: int, world: int, device: torch.device, train: bool = True):
         self.cfg, self.rank, self.device = cfg, rank, device
@@ -269,6 +279,19 @@ class Recipe(Trained, HeldOutScores, Embeds, PlansMemory):
         the projected tokens averaged over repeats, and the CLIP targets."""
         outputs, ids = self._outputs(forward, split, self.data.subject, dtype)
         return {"brain": outputs["projected"], "image": self.targets[ids], "image_ids": ids}
+
+    @torch.no_grad()
+    def generate(self, voxels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
+        """Each test sample's repeats [B, R, V] of `data.subject` -> its blurry reconstruction
+        [B, 1, 3, H, W] (deterministic: `seeds` are not needed)."""
+        g = self.cfg.generation
+        if g.source != "blurry" or g.n_samples != 1 or not self.cfg.model.blurry:
+            raise ConfigError(f"generation.source={g.source!r}, n_samples={g.n_samples}: MindEye 2 generates 'blurry' "
+                              "images, one per sample, from a model with its blurry branch (model.blurry=true)")
+        rows = self.rows(torch.full((len(voxels),), self.data.subject))
+        latents = repeat_average(self.model, voxels.to(self.device), rows)["latents"]
+        self.vae.to(self.device)
+        return decode_latents(self.vae, latents)[:, None]
 
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Per subject: retrieval of the projected tokens (and of prior samples of the backbone
