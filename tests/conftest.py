@@ -88,6 +88,14 @@ def launch(args: list[str], ranks: int = 1, cache: Path | None = None, wait: boo
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def train_here(args: list[str], cache: Path) -> None:
+    """A one-rank run of train/main.py in this process (no process start-up), which must succeed."""
+    from train import main
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FMRIDECODE_CACHE", str(cache))
+        assert main.main(args) == 0
+
+
 def train_losses(run_dir: Path) -> dict[int, float]:
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
@@ -109,7 +117,8 @@ def load_reference(name: str) -> dict:
 # those marked `@pytest.mark.slow`. A test left in the fast tier that takes longer than
 # FAST_LIMIT_S is named at the end of the session.
 SUBPROCESS_CALLS = {"run", "Popen", "call", "check_call", "check_output"}
-RUNNERS = {("train.main", "main"), ("train.reconstruct", "main")}  # (module, function) that train or generate
+RUNNERS = {("train.main", "main"), ("train.reconstruct", "main"),  # (module, function) that train or generate
+           ("tests.conftest", "train_here")}
 SLOW_FIXTURES = {"slurm_env"}  # jobs of a Slurm cluster
 SLOW_TESTS = {  # "file::test" (parameters left out): in-process tests that train for many steps
     "test_diffusion_prior.py::test_prior_learns_and_its_samples_retrieve_their_images",

@@ -1,12 +1,11 @@
 """MindEye 1 against the golden outputs of its own code (tests/fixtures/reference/make_mindeye1.py):
 its released checkpoint layouts load into our models, which then compute what the original
 computed from the same weights and inputs, within 1e-5."""
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from eval.main import main as eval_main
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.lowlevel import LowLevelDecoder
 from models.mindeye import MindEye, MindEyeBackbone
@@ -104,12 +103,7 @@ def test_soft_clip_and_soft_contrastive_equal_the_reference(losses):
     close(torch.tensor(cosine_anneal(0.004, 0.0075, 11), dtype=torch.float32), r["cosine_anneal"])
 
 
-def _eval(args: list[str], cache) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eval", *args], cwd=ROOT, capture_output=True, text=True, timeout=1800,
-                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "2", "FMRIDECODE_CACHE": str(cache)})
-
-
-def test_released_low_level_checkpoint_is_scored_by_the_eval_cli(small_dataset, tmp_path):
+def test_released_low_level_checkpoint_is_scored_by_the_eval_cli(small_dataset, tmp_path, monkeypatch, capsys):
     """A low-level checkpoint as MindEye 1 saved it (diffusers 0.13 names) loads strictly via `python -m eval`."""
     ref = load_reference("mindeye1_low_level.pt.xz")
     s = ref["sizes"]
@@ -120,14 +114,15 @@ def test_released_low_level_checkpoint_is_scored_by_the_eval_cli(small_dataset, 
                  "model.map_side=16", f"model.decoder_channels=[{','.join(map(str, s['decoder_channels']))}]",
                  f"model.norm_groups={s['norm_groups']}", "model.feature_hidden=512", "teacher.tiny.dims=[16,512,16]",
                  "vae.image_size=256"]
-    config = ["--config", "train/configs/mindeye_lowlevel_tiny.yaml"]
-    run = _eval(["--checkpoint", str(released), *config, "--out", str(tmp_path / "eval"), *overrides], tmp_path / "cache")
-    assert run.returncode == 0, run.stderr[-3000:]
+    config = ["--config", str(ROOT / "train/configs/mindeye_lowlevel_tiny.yaml")]
+    monkeypatch.setenv("FMRIDECODE_CACHE", str(tmp_path / "cache"))
+    assert eval_main(["--checkpoint", str(released), *config, "--out", str(tmp_path / "eval"), *overrides]) == 0
     assert "latent_r_across_samples" in (tmp_path / "eval" / "table.md").read_text()
 
     broken = {k: v for k, v in ref["state_dict"].items() if "mid_block.attentions.0.query" not in k}
     torch.save({"model_state_dict": broken}, released)
-    run = _eval(["--checkpoint", str(released), *config, "--out", str(tmp_path / "eval2"), *overrides], tmp_path / "cache")
-    assert run.returncode == 2
-    lines = run.stderr.strip().splitlines()
-    assert lines[-1].startswith("error:") and "mid_block.attentions.0.to_q" in lines[-1] and "Traceback" not in run.stderr
+    capsys.readouterr()
+    assert eval_main(["--checkpoint", str(released), *config, "--out", str(tmp_path / "eval2"), *overrides]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("error:") and "mid_block.attentions.0.to_q" in lines[-1] and "Traceback" not in err

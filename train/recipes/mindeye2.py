@@ -20,6 +20,7 @@ on test), and the blurry latents' L1 and correlation across samples; the mean ov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -27,13 +28,16 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torchvision.transforms import v2
 
+from data.diffusers_weights import load_vae
 from data.pretrained_weights import load_convnext_features
 from data.subject_data import SubjectData
+from data.unclip_weights import load_unclip_unet
 from models.diffusion_prior import PriorDiffusion, PriorNetwork
 from models.image_variation import decode_latents
 from models.mindeye2 import MindEye2, MindEye2Backbone, SubjectRidge, repeat_average
 from models.scores import pearson_along, retrieval
 from models.strict_load import StateMismatch, load_strict
+from models.unclip_sgm import SMALL, UNCLIP6, size_condition, unclip_images, unclip_sample
 from train import distributed
 from train.checkpoint import CheckpointError, load_checkpoint
 from train.components.blurry_targets import BlurryTargets, TeacherConfig, VAEConfig
@@ -79,11 +83,31 @@ class InitConfig:
     checkpoint: str = ""  # a mindeye2 pretraining run (or checkpoint folder): its backbone and prior; "" trains from scratch
 
 
+SOURCES = ("blurry", "unclip")
+SDXL_VAE_SCALE = 0.13025  # unclip6.yaml's scale_factor: SDXL's VAE
+ORIGINAL_SIZE = 768.0  # recon_inference.ipynb's vector condition: original size 768 x 768, crop (0, 0)
+
+
 @dataclass
 class GenerationConfig(GenerationKeys):
-    """`python -m train.reconstruct`: the blurry branch's latents, averaged over each test
-    image's repeats as MindEye 2 averages outputs, decoded by the VAE (one image per sample)."""
+    """`python -m train.reconstruct`. source "blurry": the blurry branch's latents, averaged over each test
+    image's repeats as MindEye 2 averages outputs, decoded by the VAE (one image per sample). source "unclip":
+    MindEye 2's reconstruction: the backbone tokens averaged over the repeats, a prior sample of the bigG tokens
+    per image, MindEye 2's SDXL unCLIP, the SDXL VAE."""
     source: str = "blurry"
+    unclip: str = ""  # unclip6_epoch0_step110000.ckpt (huggingface.co/datasets/pscotti/mindeyev2), or "random"
+    vae: str = ""  # a local SDXL diffusers folder with vae/ (e.g. stable-diffusion-xl-base-1.0), or "random"
+    steps: int = 38  # unCLIP Euler steps (recon_inference.ipynb: 38)
+    guidance: float = 5.0  # unCLIP classifier-free guidance (unclip6.yaml: 5)
+    prior_steps: int = 20  # prior sampling steps (recon_inference.ipynb: 20)
+    image_size: int = 768  # pixels; the unCLIP latent is image_size / 8 with SDXL's VAE (96, unclip_recon's)
+    blend: float = 1.0  # weight of the unCLIP image against the blurry one; final_evaluations' "enhanced": 0.75
+    half: bool = True  # the unCLIP UNet in float16 on a GPU (MindEye 2 samples under float16 autocast)
+
+
+def seed_of(seed: int, k: int) -> int:
+    """The seed of image k of a test sample whose seed is `seed`."""
+    return int(np.random.SeedSequence([seed, k]).generate_state(1)[0])
 
 
 @dataclass
@@ -280,18 +304,64 @@ class Recipe(Trained, HeldOutScores, Embeds, Generates, PlansMemory):
         outputs, ids = self._outputs(forward, split, self.data.subject, dtype)
         return {"brain": outputs["projected"], "image": self.targets[ids], "image_ids": ids}
 
+    @cached_property
+    def _unclip(self):
+        """(unCLIP UNet, VAE) of generation.unclip and generation.vae, loaded on first use."""
+        g, dim = self.cfg.generation, self.targets.values.shape[-1]
+        if self.diffusion is None:
+            raise ConfigError("generation.source=unclip: the unCLIP samples the prior's tokens; set prior.enabled=true")
+        if not g.unclip or not g.vae:
+            raise ConfigError("generation.source=unclip: set generation.unclip (unclip6_epoch0_step110000.ckpt) and "
+                              "generation.vae (an SDXL diffusers folder), or 'random' for both")
+        network = dict(UNCLIP6, **SMALL, context_dim=dim) if g.unclip == "random" else UNCLIP6
+        if dim != network["context_dim"]:
+            raise ConfigError(f"generation.unclip: the unCLIP UNet takes {network['context_dim']}-wide tokens, the "
+                              f"model's CLIP tokens are {dim} wide (clip.arch ViT-bigG-14)")
+        unet = load_unclip_unet(g.unclip, "generation.unclip", network, self.cfg.seed)
+        vae = load_vae(g.vae, "generation.vae", self.cfg.seed, g.image_size // 4)
+        if g.vae != "random" and vae.config.scaling_factor != SDXL_VAE_SCALE:
+            raise ConfigError(f"generation.vae={g.vae}: scaling_factor {vae.config.scaling_factor}, not SDXL's "
+                              f"{SDXL_VAE_SCALE}; the unCLIP's latents are SDXL's")
+        if g.half and self.device.type == "cuda":
+            unet.half()
+        return unet.to(self.device), vae.to(self.device)
+
     @torch.no_grad()
     def generate(self, voxels: torch.Tensor, seeds: list[int]) -> torch.Tensor:
-        """Each test sample's repeats [B, R, V] of `data.subject` -> its blurry reconstruction
-        [B, 1, 3, H, W] (deterministic: `seeds` are not needed)."""
-        g = self.cfg.generation
-        if g.source != "blurry" or g.n_samples != 1 or not self.cfg.model.blurry:
-            raise ConfigError(f"generation.source={g.source!r}, n_samples={g.n_samples}: MindEye 2 generates 'blurry' "
-                              "images, one per sample, from a model with its blurry branch (model.blurry=true)")
+        """Each test sample's repeats [B, R, V] of `data.subject` -> images [B, generation.n_samples, 3, H, W]:
+        its blurry reconstruction (source "blurry", one per sample, deterministic), or MindEye 2's unCLIP
+        reconstructions (source "unclip"; image k of sample j from seed_of(seeds[j], k) alone)."""
+        g, blurry_branch = self.cfg.generation, self.cfg.model.blurry
+        if g.source not in SOURCES:
+            raise ConfigError(f"generation.source={g.source!r}: expected one of {', '.join(SOURCES)}")
+        if g.source == "blurry" and g.n_samples != 1:
+            raise ConfigError(f"generation.n_samples={g.n_samples}: the blurry reconstruction is one image per sample")
+        if (g.source == "blurry" or g.blend < 1) and not blurry_branch:
+            raise ConfigError(f"generation.source={g.source}, blend={g.blend}: needs the blurry branch "
+                              "(model.blurry=true)")
         rows = self.rows(torch.full((len(voxels),), self.data.subject))
-        latents = repeat_average(self.model, voxels.to(self.device), rows)["latents"]
-        self.vae.to(self.device)
-        return decode_latents(self.vae, latents)[:, None]
+        averaged = repeat_average(self.model, voxels.to(self.device), rows)
+        if g.source == "blurry" or g.blend < 1:
+            self.vae.to(self.device)
+            blurry = decode_latents(self.vae, averaged["latents"])
+            if g.source == "blurry":
+                return blurry[:, None]
+        unet, vae = self._unclip
+        draws = [seed_of(seed, k) for seed in seeds for k in range(g.n_samples)]
+        tokens = averaged["tokens"].repeat_interleave(g.n_samples, 0)
+        prior = torch.cat([self.diffusion.sample(t[None], self.cfg.prior.guidance,
+                                                 torch.Generator(self.device).manual_seed(s), g.prior_steps)
+                           for t, s in zip(tokens, draws)])
+        vector = size_condition(torch.full((1, 2), ORIGINAL_SIZE), torch.zeros(1, 2))[0]
+        latent_size = g.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
+        latents = unclip_sample(unet, prior, vector, [torch.Generator().manual_seed(s) for s in draws], g.steps,
+                                g.guidance, latent_size)
+        images = torch.cat([unclip_images(vae.decode(z[None].to(vae.dtype) / vae.config.scaling_factor).sample)
+                            for z in latents])  # one at a time: SDXL's VAE at 768 px is memory-hungry
+        if g.blend < 1:
+            up = F.interpolate(blurry, size=images.shape[-2:], mode="bilinear", antialias=True)
+            images = g.blend * images + (1 - g.blend) * up.repeat_interleave(g.n_samples, 0)
+        return images.unflatten(0, (len(voxels), g.n_samples))
 
     def score(self, forward, split: str, dtype: torch.dtype = torch.float32) -> dict[str, float]:
         """Per subject: retrieval of the projected tokens (and of prior samples of the backbone
