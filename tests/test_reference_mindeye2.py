@@ -120,6 +120,18 @@ def test_prior_loss_diffuses_unscaled_tokens(prior):
         close(F.mse_loss(pred, ref["image"]), ref["p_losses"][case]["loss"])
 
 
+@torch.no_grad()
+def test_prior_samples_as_mindeye2_does_with_20_ddim_steps(prior):
+    """recon_inference.ipynb's p_sample_loop(timesteps=20): DALL-E 2's DDIM (eta 1) from the
+    global generator; ours from a generator seeded alike draws the same numbers."""
+    net, ref = prior
+    diffusion = PriorDiffusion(net, ref["prior_kwargs"]["dim"], ref["diffusion_kwargs"]["timesteps"],
+                               scale_targets=False)
+    assert ref["ddim_timesteps"] == 20
+    out = diffusion.sample_ddim(ref["brain"], 20, torch.Generator().manual_seed(ref["ddim_global_seed"]))
+    close(out, ref["ddim"])
+
+
 def test_losses_of_the_training_step():
     ref = load_reference("mindeye2_losses.pt.xz")
     p, t = ref["preds"], ref["targs"]

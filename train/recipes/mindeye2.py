@@ -349,8 +349,7 @@ class Recipe(Trained, HeldOutScores, Embeds, Generates, PlansMemory):
         unet, vae = self._unclip
         draws = [seed_of(seed, k) for seed in seeds for k in range(g.n_samples)]
         tokens = averaged["tokens"].repeat_interleave(g.n_samples, 0)
-        prior = torch.cat([self.diffusion.sample(t[None], self.cfg.prior.guidance,
-                                                 torch.Generator(self.device).manual_seed(s), g.prior_steps)
+        prior = torch.cat([self.diffusion.sample_ddim(t[None], g.prior_steps, torch.Generator(self.device).manual_seed(s))
                            for t, s in zip(tokens, draws)])
         vector = size_condition(torch.full((1, 2), ORIGINAL_SIZE), torch.zeros(1, 2))[0]
         latent_size = g.image_size // 2 ** (len(vae.config.block_out_channels) - 1)
@@ -377,8 +376,8 @@ class Recipe(Trained, HeldOutScores, Embeds, Generates, PlansMemory):
             if sample:
                 g = torch.Generator(self.device).manual_seed(e.seed + s)
                 tokens = outputs["tokens"].to(self.device, dtype)
-                sampled = torch.cat([self.diffusion.sample(tokens[i : i + e.batch_size], self.cfg.prior.guidance, g,
-                                                           self.cfg.prior.sample_steps).float().cpu()
+                sampled = torch.cat([self.diffusion.sample_ddim(tokens[i : i + e.batch_size], self.cfg.prior.sample_steps,
+                                                                g).float().cpu()
                                      for i in range(0, len(tokens), e.batch_size)])
                 r.update({f"prior_{k}": v for k, v in retrieval(sampled, image, e.n_way, e.n_trials, e.seed).items()
                           if k in ("forward_top1", "backward_top1")})
