@@ -38,6 +38,7 @@ REPORTED = {
     "MindEye 1, subject 1": dict(zip(_KEYS, (.392, .347, 97.4, 98.7, 94.5, 94.3, .635, .358, 97.2, 94.7))),
     "MindEye 2 (40 sessions), subject 1": dict(zip(_KEYS, (.374, .439, 97.82, 99.10, 96.15, 93.56, .609, .338, 99.96, 99.87))),
     "MindEye 2, 4-subject mean": dict(zip(_KEYS, (.322, .431, 96.1, 98.6, 95.4, 93.0, .619, .344, 98.8, 98.3))),
+    "MindEye 2 (1 session), subject 1": dict(zip(_KEYS, (.235, .428, 88.0, 93.3, 83.6, 80.8, .798, .459, 94.0, 77.6))),
     "MindEye 2 (1 session), 4-subject mean": dict(zip(_KEYS, (.195, .419, 84.2, 90.6, 81.2, 79.2, .810, .468, 79.0, 57.4))),
     "MindEye 1, 4-subject mean": dict(zip(_KEYS, (.319, .360, 92.8, 96.9, 94.6, 93.3, .648, .377, 90.0, 84.1))),
     "Brain-Diffuser, 4-subject mean": dict(zip(_KEYS, (.273, .365, 94.4, 96.6, 91.3, 90.9, .728, .421, 18.8, 26.3))),
@@ -45,7 +46,7 @@ REPORTED = {
 }
 REPORTED_SOURCES = [
     "MindEye 1, subject 1: MindEye 1's paper (Scotti et al. 2023), computed with its `Reconstruction_Metrics` code",
-    "MindEye 2 (40 sessions), subject 1: the per-subject table of MindEye 2's paper (arXiv 2403.11207v2)",
+    "MindEye 2 (40 sessions and 1 session), subject 1: the per-subject tables of MindEye 2's paper (arXiv 2403.11207v2)",
     "4-subject means (subjects 1, 2, 5, 7; MindEye 2's 1-session row: fine-tuned on one session of each subject "
     "after pretraining on the other 7): MindEye 2's paper (arXiv 2403.11207v2), all rows scored with MindEye's metric code "
     "(Takagi & Nishimoto without retrieval); Brain-Diffuser's and Takagi's own papers used other protocols",
