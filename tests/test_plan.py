@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.plan import main as plan_main
 from benchmarks.plan import plan
+from data.convert.nsd import VOXELS as NSD_VOXELS
 from tests.conftest import ROOT
 from train import config
 
@@ -20,9 +21,10 @@ def test_paper_scale_mindeye2_plan(capsys):
     the 2,575,262,332 parameters of the issue less the prior's 16 rotary frequencies (a
     buffer here); activation checkpointing shrinks the activations."""
     cfg = config.load(ROOT / "train/configs/mindeye2_pretrain_paper.yaml", ["train.batch_size=16"])
-    checkpointed = plan(cfg, 2, [14278, 15226, 13153, 13039, 17907, 12682, 14386], ZERO0)
+    subjects_2_8 = [NSD_VOXELS[s] for s in range(2, 9)]
+    checkpointed = plan(cfg, 2, subjects_2_8, ZERO0)
     assert checkpointed["n_params"] == 2_575_262_332 - 16
-    assert checkpointed["voxels"] == [14278, 15226, 13153, 13039, 17907, 12682, 14386]
+    assert checkpointed["voxels"] == [14278, 15226, 13153, 13039, 17907, 12682, 14386]  # nsdgeneral, subjects 2-8
     rows = checkpointed["rows"]
     # ZeRO-3: a half share, and whole the parameters of at most 1e5 elements (biases, norms)
     assert 0 < checkpointed["persistent_params"] < 1e-3 * checkpointed["n_params"]
@@ -32,7 +34,7 @@ def test_paper_scale_mindeye2_plan(capsys):
     assert rows["ZeRO-3"]["buffers"] > 2 * 4096 * 256 * 1664  # backbone_linear gathered whole, in bf16
     full = plan(config.load(ROOT / "train/configs/mindeye2_pretrain_paper.yaml",
                             ["train.batch_size=16", "model.checkpoint_blocks=false", "prior.checkpoint_layers=false"]),
-                2, [14278, 15226, 13153, 13039, 17907, 12682, 14386], ZERO0)
+                2, subjects_2_8, ZERO0)
     assert full["activation_bytes"] > 1.3 * checkpointed["activation_bytes"]  # 5.2 against 3.5 GB
     assert plan_main(["--config", str(ROOT / "train/configs/mindeye2_pretrain_paper.yaml"), "--gpus", "2",
                       "--gpu-mem", "24", "train.batch_size=16"]) == 0
