@@ -33,7 +33,8 @@ from models.stable_diffusion import img2img_pipeline, tiny_stable_diffusion
 
 GENERATOR = "a local Versatile Diffusion or Stable Diffusion folder"
 STABLE_DIFFUSION = "a local Stable Diffusion v1.4 diffusers folder"
-LDM = "a local diffusers latent-diffusion folder with unet/, vae/ and scheduler/"
+LDM = ("a local diffusers latent-diffusion folder with unet/, vae/ and scheduler/, or a CompVis latent-diffusion "
+       "checkpoint file")
 SD_PARTS = ("unet/config.json", "vae/config.json", "text_encoder/config.json", "scheduler/scheduler_config.json")
 LDM_PARTS = ("unet/config.json", "vae/config.json", "scheduler/scheduler_config.json")
 
@@ -122,8 +123,9 @@ def check_ldm_folder(path: str, flag: str) -> None:
             raise WeightsMissing(f"{path}: no {needed} {_hint(flag, LDM)}")
 
 
-def load_ldm_unet(path: str, flag: str, context_dim: int, weights: bool = True) -> UNet2DConditionModel:
-    """The UNet of a local diffusers folder with a new projection class embedding
+def load_ldm_unet(path: str, flag: str, context_dim: int, conditioning: str = "pooled",
+                  weights: bool = True) -> UNet2DConditionModel:
+    """The UNet of a local diffusers folder with the new class embedding of `conditioning`
     (`models.fmri_ldm.class_embedding`); every other weight must load. `weights=False` builds
     it from its config only (the caller loads a fine-tuned state)."""
     config = UNet2DConditionModel.load_config(Path(path) / "unet")
@@ -134,9 +136,9 @@ def load_ldm_unet(path: str, flag: str, context_dim: int, weights: bool = True) 
         raise WeightsError(f"{path}/unet: already has a class embedding ({config['class_embed_type']}); "
                            "expected an unconditional-time UNet")
     if not weights:
-        return UNet2DConditionModel.from_config(config, **class_embedding(context_dim))
+        return UNet2DConditionModel.from_config(config, **class_embedding(conditioning, context_dim))
     unet, info = _from_folder(UNet2DConditionModel, path, _hint(flag, LDM), subfolder="unet", low_cpu_mem_usage=False,
-                              output_loading_info=True, **class_embedding(context_dim))
+                              output_loading_info=True, **class_embedding(conditioning, context_dim))
     missing = sorted(info["missing_keys"])
     expected = sorted(k for k in unet.state_dict() if k.startswith("class_embedding."))
     others = [k for k in missing if k not in expected] + sorted(info["unexpected_keys"]) + \

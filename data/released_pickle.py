@@ -6,9 +6,10 @@ stack: DeepSpeed's loss scaler and ZeRO records (`deepspeed.*`), a learning-rate
 `getattr(torch.optim.lr_scheduler.OneCycleLR, ...)`), logged numpy scalars. Reading the
 weights needs none of them, and importing their packages would run their code. So the file's
 pickle is first disassembled (nothing unpickled) to list its globals; those from INERT_MODULES
-become `Inert` stand-ins and those of ALIASES harmless equivalents, all through torch's
-weights-only unpickler (`torch.serialization.safe_globals`), and a file holding any other
-global that torch does not allow is refused before anything is unpickled.
+become `Inert` stand-ins, those of ALIASES harmless equivalents and the training scripts' config
+classes of RECORDS plain `Record`s of their attributes, all through torch's weights-only
+unpickler (`torch.serialization.safe_globals`), and a file holding any other global that torch
+does not allow is refused before anything is unpickled.
 """
 from __future__ import annotations
 
@@ -32,6 +33,24 @@ class Inert:
 
     def __setstate__(self, state):
         pass
+
+
+class Record(Inert):
+    """A pickled config object of RECORDS: its attributes, and nothing of its class's code."""
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple):  # (instance dict, slots dict)
+            state = {**(state[0] or {}), **(state[1] or {})}
+        if isinstance(state, dict):
+            self.__dict__.update(state)
+
+
+# The config classes that MinD-Vis' and DC-MAE's training scripts pickle into their checkpoints: those of
+# their `code/config.py` (imported as the module `config`), and the transformers ViT-MAE config DC-MAE's
+# phase 2 keeps in its `config_merge`.
+RECORDS = frozenset((*(f"config.{name}" for name in (
+    "Config_MAE_fMRI", "Config_MBM_fMRI", "Config_MBM_finetune", "Config_Generative_Model", "Config_MBM_fMRI_contrast",
+    "Config_MBM_finetune_cross", "Config_MBM_finetune_contrast")), "transformers.models.vit_mae.configuration_vit_mae.ViTMAEConfig"))
 
 
 def _inert_attribute(obj, name, *default) -> Inert:
@@ -58,11 +77,11 @@ def load_released(path: Path, error: type[Exception], what: str):
         return load_tensors(path, error, what)
     if not names:
         return load_tensors(path, error, what)
-    refused = [n for n in names if n not in ALIASES and not n.startswith(INERT_MODULES)]
+    refused = [n for n in names if n not in ALIASES and n not in RECORDS and not n.startswith(INERT_MODULES)]
     if refused:
-        raise error(f"{path}: holds {refused[0]}, which is not a tensor or a known training object; "
-                    "refusing to unpickle it")
-    stand_ins = [(ALIASES.get(n, Inert), n) for n in names]
+        raise error(f"{path}: holds {refused[0]}, which is not a tensor, a known training object or a known "
+                    "config; refusing to unpickle it")
+    stand_ins = [(Record if n in RECORDS else ALIASES.get(n, Inert), n) for n in names]
     try:
         with torch.serialization.safe_globals(stand_ins):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=True)

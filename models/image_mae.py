@@ -3,40 +3,26 @@ masked-autoencoder core (models/mae.py).
 
 Defaults are ViT-MAE base: 224 px images in 16 px patches (Conv2d), 768 wide x 12 blocks,
 12 heads, MLP ratio 4; decoder 512 wide x 8 blocks, 16 heads; fixed 2-D sin-cos positions
-with an all-zero class-token row; LayerNorm eps 1e-6. Inputs are images normalised by the
+with an all-zero class-token row; LayerNorm eps 1e-6 (the official MAE's). Inputs are images normalised by the
 ImageNet mean and std; the targets are the normalised pixels of each patch in MAE's order
 (row, column, channel within a patch), so an official checkpoint's decoder_pred fits.
 
 `build_image_mae` loads the state dict of an official MAE checkpoint (the facebookresearch
 `.pth`, a "model" dict in timm layout, with the decoder: e.g. mae_visualize_vit_base.pth,
-read by data/pretrained_weights.py) by a key map:
-
-    patch_embed.proj.*           -> patch_embed.*
-    blocks.N.norm1 / norm2       -> blocks.N.norm1 / norm2
-    blocks.N.attn.qkv.*          -> blocks.N.self_attn.in_proj_*  (rows q, k, v: the same split)
-    blocks.N.attn.proj.*         -> blocks.N.self_attn.out_proj.*
-    blocks.N.mlp.fc1 / fc2       -> blocks.N.linear1 / linear2
-    decoder_blocks.N.*           -> the same under decoder_blocks
-    cls_token, mask_token, norm, decoder_embed, decoder_norm, decoder_pred: unchanged
-    pos_embed, decoder_pos_embed -> checked against our fixed tables (not loaded)
+read by data/pretrained_weights.py) by `models.mae.from_timm_mae`; its position tables are
+checked against ours, not loaded.
 """
 from __future__ import annotations
-
-import re
 
 import torch
 from torch import nn
 
-from models.mae import MaskedAutoencoder
+from models.mae import MaskedAutoencoder, from_timm_mae
 from models.mbm import sincos_positions
 from models.strict_load import StateMismatch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-_BLOCK_KEYS = {"norm1": "norm1", "attn.qkv.weight": "self_attn.in_proj_weight", "attn.qkv.bias": "self_attn.in_proj_bias",
-               "attn.proj": "self_attn.out_proj", "norm2": "norm2", "mlp.fc1": "linear1", "mlp.fc2": "linear2"}
-_POS_TABLES = {"pos_embed": "pos", "decoder_pos_embed": "decoder_pos"}
 
 
 def sincos_positions_2d(side: int, dim: int) -> torch.Tensor:
@@ -59,13 +45,13 @@ def normalize_images(images: torch.Tensor) -> torch.Tensor:
 class ImageMAE(MaskedAutoencoder):
     def __init__(self, image_size: int = 224, patch_size: int = 16, dim: int = 768, depth: int = 12, heads: int = 12,
                  mlp_ratio: float = 4.0, decoder_dim: int = 512, decoder_depth: int = 8, decoder_heads: int = 16,
-                 mask_ratio: float = 0.75, checkpoint_blocks: bool = False):
+                 mask_ratio: float = 0.75, checkpoint_blocks: bool = False, norm_eps: float = 1e-6):
         if image_size % patch_size:
             raise ValueError(f"image size {image_size} is not a multiple of the patch size {patch_size}")
         side = image_size // patch_size
         super().__init__(nn.Conv2d(3, dim, patch_size, stride=patch_size), side * side, 3 * patch_size**2,
                          sincos_positions_2d(side, dim), sincos_positions_2d(side, decoder_dim), dim, depth, heads,
-                         mlp_ratio, decoder_dim, decoder_depth, decoder_heads, mask_ratio, checkpoint_blocks)
+                         mlp_ratio, decoder_dim, decoder_depth, decoder_heads, mask_ratio, checkpoint_blocks, norm_eps)
         self.image_size, self.patch_size, self.side = image_size, patch_size, side
 
     def embed_patches(self, images: torch.Tensor) -> torch.Tensor:
@@ -83,28 +69,6 @@ class ImageMAE(MaskedAutoencoder):
         return patches.reshape(b, s, s, p, p, 3).permute(0, 5, 1, 3, 2, 4).reshape(b, 3, s * p, s * p)
 
 
-def from_official_mae(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """An official MAE state dict -> (our ImageMAE state dict, its fixed position tables by our
-    buffer name). Keys outside the map raise KeyError naming them."""
-    ours, tables = {}, {}
-    for key, value in state.items():
-        if key in _POS_TABLES:
-            tables[_POS_TABLES[key]] = value
-            continue
-        key = key.replace("patch_embed.proj.", "patch_embed.")
-        m = re.fullmatch(r"((?:decoder_)?blocks\.\d+)\.(.+)", key)
-        if m:
-            prefix, rest = m.groups()
-            for official, mine in _BLOCK_KEYS.items():
-                if rest == official or rest.startswith(official + "."):
-                    key = f"{prefix}.{mine}{rest[len(official):]}"
-                    break
-            else:
-                raise KeyError(f"unexpected key {prefix}.{rest}")
-        ours[key] = value
-    return ours, tables
-
-
 def build_image_mae(state: dict[str, torch.Tensor] | None, seed: int = 0, **arch) -> ImageMAE:
     """`state`: an official MAE state dict with its decoder (the checkpoint's "model" dict), or
     None for an initialisation from `seed`; `arch`: ImageMAE's arguments, which must match the
@@ -115,7 +79,7 @@ def build_image_mae(state: dict[str, torch.Tensor] | None, seed: int = 0, **arch
     if state is None:
         return model
     try:
-        ours, tables = from_official_mae(state)
+        ours, tables = from_timm_mae(state)
     except KeyError as e:
         raise StateMismatch(f"not an official MAE checkpoint ({e.args[0]})") from None
     expected = model.state_dict()

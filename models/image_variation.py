@@ -20,6 +20,7 @@ from diffusers import (
     DiffusionPipeline,
     UNet2DConditionModel,
     UniPCMultistepScheduler,
+    VQModel,
 )
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
@@ -38,10 +39,13 @@ def decode_latents(vae: AutoencoderKL, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_images(vae: AutoencoderKL, images: torch.Tensor) -> torch.Tensor:
-    """Images [N, 3, H, W] in [0, 1] -> scaled VAE latents (posterior mean, so deterministic)."""
+def encode_images(vae: AutoencoderKL | VQModel, images: torch.Tensor) -> torch.Tensor:
+    """Images [N, 3, H, W] in [0, 1] -> scaled latents: a KL VAE's posterior mean (so deterministic),
+    a VQ autoencoder's unquantised latents (as CompVis' `encode_first_stage`; decoding quantises)."""
     images = images.to(vae.device, vae.dtype) * 2 - 1
-    return vae.encode(images).latent_dist.mean * vae.config.scaling_factor
+    encoded = vae.encode(images)
+    latents = encoded.latent_dist.mean if hasattr(encoded, "latent_dist") else encoded.latents
+    return latents * vae.config.scaling_factor
 
 
 def stimulus_latents(vae: AutoencoderKL, size: int, images: torch.Tensor) -> torch.Tensor:

@@ -19,12 +19,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from diffusers import EulerDiscreteScheduler, UNet2DConditionModel
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, create_unet_diffusers_config_from_ldm
+from diffusers.loaders.single_file_utils import create_unet_diffusers_config_from_ldm
 from diffusers.models.embeddings import get_timestep_embedding
 
-from models.strict_load import StateMismatch
+from models.ldm_keys import unet_to_diffusers
 
-PREFIX = "model.diffusion_model."
 # `model.params.network_config.params` of configs/unclip6.yaml (its `use_checkpoint` and attention kernel
 # choose how, not what, it computes)
 UNCLIP6 = dict(in_channels=4, out_channels=4, model_channels=320, attention_resolutions=[4, 2], num_res_blocks=2,
@@ -47,43 +46,11 @@ def unet_config(network: dict = UNCLIP6) -> dict:
     return dict(create_unet_diffusers_config_from_ldm(ldm, {}), sample_size=LATENT_SIZE)
 
 
-def to_diffusers(state: dict[str, torch.Tensor], unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    """The `model.diffusion_model.*` entries of an sgm checkpoint under `unet`'s names, by diffusers'
-    converter; an entry it leaves out, one that does not fit `unet`, or a missing one raises
-    StateMismatch naming it (other entries: conditioner, first stage, denoiser, are ignored)."""
-    keys = [k for k in state if k.startswith(PREFIX)]
-    if not keys:
-        raise StateMismatch(f"no {PREFIX}* entries: not an sgm (SDXL-layout) checkpoint with a UNet")
-    try:  # converting the names themselves gives diffusers name -> sgm key
-        names = convert_ldm_unet_checkpoint({k: k for k in keys}, unet.config)
-    except KeyError as e:
-        raise StateMismatch(f"the weights lack {PREFIX}{e.args[0]}") from None
-    unmapped = sorted(set(keys) - set(names.values()))
-    if unmapped:
-        raise StateMismatch(f"the weights hold {unmapped[0]}, which diffusers' converter does not map"
-                            f"{_more(unmapped)}")
-    own = unet.state_dict()
-    for name, key in names.items():
-        if name not in own:
-            raise StateMismatch(f"the weights hold {key} (diffusers {name}), which the unCLIP UNet has not")
-        if state[key].shape != own[name].shape:
-            raise StateMismatch(f"{key} is {list(state[key].shape)} in the weights, {list(own[name].shape)} in the "
-                                "unCLIP UNet")
-    missing = [name for name in own if name not in names]
-    if missing:
-        raise StateMismatch(f"the weights lack the entry of diffusers' {missing[0]}{_more(missing)}")
-    return {name: state[key] for name, key in names.items()}
-
-
-def _more(names: list) -> str:
-    return f" and {len(names) - 1} more" if len(names) > 1 else ""
-
-
 def unclip_unet(state: dict[str, torch.Tensor], network: dict = UNCLIP6) -> UNet2DConditionModel:
     """The unCLIP UNet of `network` (unclip6.yaml's; tests give smaller widths) with the weights of an
     sgm checkpoint's state dict, in eval mode."""
     unet = UNet2DConditionModel.from_config(unet_config(network))
-    unet.load_state_dict(to_diffusers(state, unet))
+    unet.load_state_dict(unet_to_diffusers(state, unet, "unCLIP UNet"))
     return unet.eval()
 
 

@@ -19,7 +19,7 @@ from data.pretrained_weights import WeightsMissing
 from eval.main import main as eval_main
 from models.fmri_ldm import (
     FMRILDM,
-    FMRIConditioning,
+    PooledConditioning,
     set_trainable,
     tiny_unet,
 )
@@ -101,7 +101,7 @@ def test_conditioning_at_mind_vis_sizes_on_the_meta_device():
     assert tokens.shape == (2, 263, 1024) and model.conditioning.token_map.in_channels == 263
     assert context.shape == (2, 77, 512) and pooled.shape == (2, 512)
     assert time_cond.shape == (2, 4 * 224)  # the time-embedding width, to which it is added
-    assert isinstance(model.conditioning, FMRIConditioning) and model.conditioning.proj.weight.shape == (512, 1024)
+    assert isinstance(model.conditioning, PooledConditioning) and model.conditioning.proj.weight.shape == (512, 1024)
 
 
 def _cfg(*extra):

@@ -37,7 +37,7 @@ def test_masking_drops_three_quarters_per_sample_and_the_loss_reads_only_masked_
     x = torch.randn(4, 100)
     loss, pred, mask = model(x, generator=torch.Generator().manual_seed(1))
     assert pred.shape == (4, 13, 8) and mask.shape == (4, 13)
-    assert (mask.sum(1) == 13 - 3).all()  # round(13 x 0.75) = 10 masked, 3 kept
+    assert (mask.sum(1) == 13 - 3).all()  # int(13 x 0.25) = 3 kept, as MAE's code
     assert len({tuple(m.tolist()) for m in mask}) > 1  # each sample draws its own mask
     target = model.patchify(x)
     per_patch = (pred - target).square().mean(-1)

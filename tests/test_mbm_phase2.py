@@ -198,12 +198,12 @@ def test_untrained_cross_layers_reconstruct_like_the_pretrained_maes():
 
 
 def test_masks_drop_the_configured_share_of_patches(small_dataset, tmp_path):
-    """fMRI: 300 voxels in 19 patches of 16, round(19 x 0.75) = 14 dropped; image: 32 px in 16
+    """fMRI: 300 voxels in 19 patches of 16, int(19 x 0.25) = 4 kept, 15 dropped (MAE's rule); image: 32 px in 16
     patches of 8, 8 dropped at 0.5; the config's ratios reach the model."""
     recipe = _recipe(small_dataset, tmp_path, train=False)
     voxels, images = torch.randn(4, 300), recipe.image_batch(recipe.data.split("val").image_ids[:4])
     out = recipe.model(voxels, images)
-    assert (out["fmri_mask"].sum(1) == 14).all() and out["fmri_mask"].shape == (4, 19)
+    assert (out["fmri_mask"].sum(1) == 15).all() and out["fmri_mask"].shape == (4, 19)
     assert (out["image_mask"].sum(1) == 8).all() and out["image_mask"].shape == (4, 16)
     assert len({tuple(m.tolist()) for m in out["image_mask"]}) > 1  # a mask per sample
     other = _recipe(small_dataset, tmp_path, "model.mask_ratio=0.5", "image_mae.mask_ratio=0.25",

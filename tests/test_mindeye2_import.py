@@ -223,7 +223,7 @@ def test_any_other_pickled_global_is_refused_in_one_line_and_nothing_runs(releas
     path = tmp_path / "evil" / "last.pth"
     save_released(path, reference["state_dict"], notes=OrderedDict(extra=payload))
     assert name in torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    message = f"{path}: holds {name}, which is not a tensor or a known training object; refusing to unpickle it"
+    message = f"{path}: holds {name}, which is not a tensor, a known training object or a known config; refusing to unpickle it"
     for config_path in (None, TINY_CONFIG):
         with pytest.raises(CheckpointError) as e:
             load_checkpoint(path, config_path)
@@ -258,7 +258,7 @@ def test_finetuning_starts_from_a_released_file(released, reference, cache, monk
 def test_other_weights_files_still_need_a_config(tmp_path):
     path = tmp_path / "other.pth"
     torch.save({"model_state_dict": {"trunk.weight": torch.zeros(2)}}, path)
-    with pytest.raises(CheckpointError, match="needs --config .*only MindEye 2's checkpoints have a default"):
+    with pytest.raises(CheckpointError, match="needs --config .*only MindEye 2's, MinD-Vis' and DC-MAE's checkpoints have a default"):
         load_checkpoint(path)
     path.write_bytes(b"junk")
     with pytest.raises(CheckpointError, match=r"needs --config unless .* this one is unreadable \(\w+\)$"):

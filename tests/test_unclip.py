@@ -9,12 +9,12 @@ from diffusers import UNet2DConditionModel
 from data.pretrained_weights import WeightsError, WeightsMissing
 from data.unclip_weights import load_unclip_unet
 from models.image_variation import tiny_vae
+from models.ldm_keys import unet_to_diffusers
 from models.unclip_sgm import (
     SMALL,
     UNCLIP6,
     random_unclip_unet,
     size_condition,
-    to_diffusers,
     unclip_denoise,
     unclip_images,
     unclip_sample,
@@ -59,7 +59,7 @@ def test_every_entry_of_the_full_size_checkpoint_layout_maps_onto_the_diffusers_
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config())
     state = {k: torch.empty(shape, device="meta") for k, shape in ref["unclip6"]["shapes"].items()}
-    assert len(to_diffusers(state, unet)) == len(unet.state_dict()) == len(state)
+    assert len(unet_to_diffusers(state, unet)) == len(unet.state_dict()) == len(state)
     assert sum(p.numel() for p in unet.parameters()) == 2_501_272_324
 
 

@@ -9,6 +9,12 @@
   models/mindeye2_keys.py); their training objects (DeepSpeed's, the optimizer's) are never
   unpickled (data/released_pickle.py).
 
+MinD-Vis' and DC-MAE's released fMRI MAEs (`fmri_encoder.pth`, `checkpoint.pth`) are read as the
+mbm recipe's model and MinD-Vis' stage-B `finetuned.pth` as the fmri_ldm recipe's, their sizes set
+from their keys (models/mindvis_keys.py); without `--config` they take `mbm_hcp_paper.yaml` and
+`fmri_ldm_god_paper.yaml`. A stage-B file is also the recipe's `ldm.weights` (its UNet's
+configuration and its VQ first stage) and `encoder.checkpoint`.
+
 A MindEye 2 file also sets the mindeye2 recipe's model sizes, prior and blurry branch from its
 keys, and `data.subjects` from its folder name when that follows MindEye 2's naming, before the
 command-line overrides; `init.checkpoint` is cleared (the file holds every weight). Without
@@ -22,10 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import io
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 
 from data.files import load_tensors
@@ -33,12 +41,24 @@ from data.released_pickle import load_released
 from models.errors import InputError
 from models.mindeye1_keys import from_mindeye1, is_mindeye1
 from models.mindeye2_keys import Layout, from_mindeye2, is_mindeye2, subjects_from_name
-from models.strict_load import load_strict
+from models.mindvis_keys import (
+    MAELayout,
+    diffusers_unet_config,
+    from_fmri_mae,
+    from_mindvis_ldm,
+    is_fmri_mae,
+    is_mindvis_ldm,
+    split_cross,
+    stage_b_layout,
+)
+from models.strict_load import StateMismatch, load_strict
 from train import config
 
 # The configs a MindEye 2 checkpoint file gets without --config: by whether it holds several subjects.
 MINDEYE2_CONFIGS = {True: "mindeye2_pretrain_paper.yaml", False: "mindeye2_finetune_paper.yaml"}
+MINDVIS_CONFIGS = {"mbm": "mbm_hcp_paper.yaml", "fmri_ldm": "fmri_ldm_god_paper.yaml"}  # by the recipe a file is read as
 CONFIGS = Path(__file__).resolve().parent / "configs"
+logger = logging.getLogger(__name__)
 
 
 class CheckpointError(InputError):
@@ -51,15 +71,30 @@ class Checkpoint:
     state: dict[str, torch.Tensor]
     source: str  # what was loaded, for the report
     run_dir: Path | None  # the run folder it belongs to, when there is one
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # non-persistent buffers the file sets
 
     def load_into(self, model: torch.nn.Module) -> None:
         """Load the weights strictly: a key missing on either side, or a shape that differs
         (the checkpoint was trained with another config), is an error naming the key."""
         try:
             load_strict(model, self.state)
+            set_buffers(model, self.buffers)
         except ValueError as e:
             raise CheckpointError(f"{self.source}: {e} (recipe {self.cfg.recipe!r}); is --config the one it was "
                                   "trained with?") from None
+
+
+def set_buffers(model: torch.nn.Module, buffers: dict[str, torch.Tensor]) -> None:
+    """Copy values into named buffers of `model`; a missing or misshapen one raises StateMismatch."""
+    for name, value in buffers.items():
+        try:
+            own = model.get_buffer(name)
+        except AttributeError:
+            raise StateMismatch(f"{name}: the model has no such buffer") from None
+        if own.numel() != value.numel():
+            raise StateMismatch(f"{name} has {value.numel()} values in the weights, {own.numel()} in the model")
+        with torch.no_grad():
+            own.copy_(value.reshape(own.shape))
 
 
 def _deepspeed_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
@@ -78,9 +113,38 @@ def _deepspeed_state(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in state.items()}
 
 
-def _released_state(path: Path, what: str) -> tuple[dict[str, torch.Tensor], Layout | None]:
-    """The file's weights in our key layout, and what a MindEye 2 file's keys say of its model."""
+@dataclass
+class _Released:
+    state: dict[str, torch.Tensor]  # in our key layout
+    layout: Layout | None = None  # a MindEye 2 file's
+    recipe: str | None = None  # a MinD-Vis / DC-MAE file's: the recipe that reads it ...
+    overrides: tuple[str, ...] = ()  # ... the config its keys give ...
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # ... and its position tables
+
+
+def _mindvis(path: Path, state: dict[str, torch.Tensor], record) -> _Released:
+    """A MinD-Vis / DC-MAE file's weights for the mbm or fmri_ldm recipe (see the module docstring)."""
+    if is_mindvis_ldm(state):
+        layout = stage_b_layout(state)
+        unet = UNet2DConditionModel.from_config(diffusers_unet_config(layout.unet, [1], 8, "mind_vis"))
+        fields = layout.encoder.overrides("encoder.model")  # heads: not in the file, MinD-Vis' DEFAULT_HEADS
+        ours, buffers = from_mindvis_ldm(state, unet)
+        return _Released(ours, recipe="fmri_ldm", buffers=buffers, overrides=(
+            f"ldm.weights={path}", "ldm.conditioning=mind_vis", f"encoder.checkpoint={path}", *fields,
+            f"ldm.context_dim={layout.context_dim}", f"ldm.n_context={layout.n_context}"))
+    mae, cross = split_cross(state)
+    if cross:
+        logger.info("%s: DC-MAE phase 2's cross-attention entries (%d) are not part of the fMRI MAE; not read",
+                    path, len(cross))
+    layout = MAELayout.of(mae, record)
+    ours, buffers = from_fmri_mae(mae)
+    return _Released(ours, recipe="mbm", overrides=tuple(layout.overrides("model")), buffers=buffers)
+
+
+def _released_state(path: Path, what: str) -> _Released:
+    """The file's weights in our key layout, and what its keys (and pickled config) say of its model."""
     obj = load_released(path, CheckpointError, what)
+    record = obj.get("config") if isinstance(obj, dict) else None
     for key in ("model_state_dict", "state_dict", "module", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -90,24 +154,37 @@ def _released_state(path: Path, what: str) -> tuple[dict[str, torch.Tensor], Lay
     state = {k.removeprefix("module."): v.float() for k, v in obj.items()}
     try:
         if is_mindeye1(state):
-            return from_mindeye1(state), None
+            return _Released(from_mindeye1(state))
         if is_mindeye2(state):
-            return from_mindeye2(state), Layout.of(state)
-    except KeyError as e:
+            return _Released(from_mindeye2(state), Layout.of(state))
+        if is_fmri_mae(state) or is_mindvis_ldm(state):
+            return _mindvis(path, state, record)
+    except (KeyError, StateMismatch) as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
-    return state, None
+    return _Released(state)
 
 
 def _weights_file(path: Path, config_path: Path | None, overrides: list[str]) -> Checkpoint:
-    """A single weights file: its config is --config (or a MindEye 2 file's default) with what its
+    """A single weights file: its config is --config (or a recognised file's default) with what its
     keys say merged in before the overrides (see the module docstring)."""
     what = ("unreadable checkpoint file" if config_path else
-            "a single weights file needs --config unless it is a MindEye 2 checkpoint, and this one is unreadable")
-    state, layout = _released_state(path, what)
+            "a single weights file needs --config unless it is a MindEye 2, MinD-Vis or DC-MAE checkpoint, and "
+            "this one is unreadable")
+    released = _released_state(path, what)
+    state, layout = released.state, released.layout
+    if released.recipe:
+        config_path = config_path or CONFIGS / MINDVIS_CONFIGS[released.recipe]
+        recipe = config.load(config_path, overrides).recipe
+        if recipe != released.recipe:
+            raise CheckpointError(f"{path}: read by the {released.recipe} recipe, but {config_path} is a {recipe!r} "
+                                  f"config (give a {released.recipe} one, e.g. "
+                                  f"train/configs/{MINDVIS_CONFIGS[released.recipe]})")
+        return Checkpoint(config.load(config_path, [*released.overrides, *overrides]), state, str(path), None,
+                          released.buffers)
     if layout is None:
         if config_path is None:
             raise CheckpointError(f"{path}: a single weights file needs --config (the recipe YAML it was trained "
-                                  "with); only MindEye 2's checkpoints have a default")
+                                  "with); only MindEye 2's, MinD-Vis' and DC-MAE's checkpoints have a default")
         return Checkpoint(config.load(config_path, overrides), state, str(path), None)
     n, named = len(layout.voxel_counts), config_path is not None
     config_path = config_path or CONFIGS / MINDEYE2_CONFIGS[n > 1]

@@ -26,11 +26,14 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from omegaconf import DictConfig, OmegaConf
 
+from data.compvis_ldm import is_checkpoint_file, load_unet, load_vq, noise_schedule
 from data.diffusers_weights import check_ldm_folder, ldm_noise_schedule, load_ldm_unet, load_vae
 from data.subject_data import SubjectData
 from data.targets import TargetTable, cached_targets
 from models.fmri_ldm import (
+    CONDITIONINGS,
     FMRILDM,
+    latent_channels,
     sample,
     sampler,
     set_trainable,
@@ -49,14 +52,20 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class EncoderConfig:
-    checkpoint: str = ""  # a masked-brain-model pretraining run folder (mbm, or phase 2), or "random" (tests only)
+    # a masked-brain-model pretraining run folder (mbm, or phase 2), a released fMRI MAE file (MinD-Vis'
+    # fmri_encoder.pth, DC-MAE's checkpoint.pth), a stage-B run or file (its encoder), or "random" (tests only)
+    checkpoint: str = ""
     # The encoder's architecture: that of "random"; for a checkpoint, filled in from it at the start of training.
     model: ModelConfig = field(default_factory=ModelConfig)
 
 
 @dataclass
 class LDMConfig:
-    weights: str = ""  # local diffusers folder with unet/, vae/ (AutoencoderKL), scheduler/; or "random" (tiny)
+    # a local diffusers folder with unet/, vae/ (AutoencoderKL), scheduler/; a CompVis latent-diffusion checkpoint
+    # file (MinD-Vis' label2img model.ckpt or a stage-B finetuned.pth: its UNet, VQ first stage and schedule);
+    # or "random" (tiny)
+    weights: str = ""
+    conditioning: str = "pooled"  # "mind_vis" (MinD-Vis' mappers and time conditioning) or "pooled" (see models/fmri_ldm.py)
     context_dim: int = 512  # cross-attention width; must equal the UNet's cross_attention_dim
     n_context: int = 77  # context tokens (the Conv1d over encoder tokens maps 1 + n_patches -> this)
     image_size: int = 256  # stimuli are resized to this before VAE encoding; generated images have this size
@@ -92,7 +101,8 @@ def encoder_architecture(mae: MaskedBrainModel) -> dict:
     """The encoder-side ModelConfig keys of a built masked brain model."""
     dim, block = mae.patch_embed.out_channels, mae.blocks[0]
     return {"n_voxels": mae.n_voxels, "patch_size": mae.patch_size, "dim": dim, "depth": len(mae.blocks),
-            "heads": block.self_attn.num_heads, "mlp_ratio": block.linear1.out_features / dim}
+            "heads": block.self_attn.num_heads, "mlp_ratio": block.linear1.out_features / dim,
+            "norm_eps": mae.norm_eps}
 
 
 class Recipe(Trained, HeldOutScores, Generates):
@@ -104,15 +114,23 @@ class Recipe(Trained, HeldOutScores, Generates):
             if not OmegaConf.select(cfg, key):
                 raise ConfigError(f"{key} is not set: give a local path, or 'random' (tests and the simulated dataset)")
         ldm = cfg.ldm
-        if ldm.weights != "random":  # missing files fail before any work
+        if ldm.conditioning not in CONDITIONINGS:
+            raise ConfigError(f"ldm.conditioning: {ldm.conditioning!r}, expected one of {', '.join(CONDITIONINGS)}")
+        from_file = is_checkpoint_file(ldm.weights)
+        if from_file and ldm.conditioning != "mind_vis":
+            raise ConfigError("ldm.weights is a CompVis checkpoint file: set ldm.conditioning=mind_vis (the pooled "
+                              "conditioning's class embedding is not in such a file)")
+        if ldm.weights != "random" and not from_file:  # missing files fail before any work
             check_ldm_folder(ldm.weights, "ldm.weights")
         try:
-            self.schedule = ldm_noise_schedule(ldm.weights)
+            self.schedule = (noise_schedule(ldm.weights, "ldm.weights") if from_file
+                             else ldm_noise_schedule(ldm.weights))
             sampler(cfg.generation.scheduler, self.schedule)
         except ValueError as e:
             raise ConfigError(str(e)) from None
-        self.vae = load_vae(ldm.weights, "ldm.weights", ldm.seed, ldm.image_size // 4).to(device)
-        side, channels = ldm.image_size // vae_factor(self.vae), self.vae.config.latent_channels
+        self.vae = (load_vq(ldm.weights, "ldm.weights") if from_file else
+                    load_vae(ldm.weights, "ldm.weights", ldm.seed, ldm.image_size // 4)).to(device)
+        side, channels = ldm.image_size // vae_factor(self.vae), latent_channels(self.vae)
         if side * vae_factor(self.vae) != ldm.image_size:
             raise ConfigError(f"ldm.image_size={ldm.image_size} is not a multiple of the VAE's factor {vae_factor(self.vae)}")
         self.latent_shape = (channels, side, side)
@@ -121,13 +139,17 @@ class Recipe(Trained, HeldOutScores, Generates):
         self.root, self.manifest = self.data.root, self.data.manifest
         encoder = encoder or self._built_encoder()
         try:
-            unet = (tiny_unet(ldm.context_dim, side, channels, ldm.seed) if ldm.weights == "random"
-                    else load_ldm_unet(ldm.weights, "ldm.weights", ldm.context_dim, weights=train))
+            if ldm.weights == "random":
+                unet = tiny_unet(ldm.context_dim, side, channels, ldm.seed, ldm.conditioning)
+            elif from_file:
+                unet = load_unet(ldm.weights, "ldm.weights", ldm.conditioning, side, ldm.context_dim, with_weights=train)
+            else:
+                unet = load_ldm_unet(ldm.weights, "ldm.weights", ldm.context_dim, ldm.conditioning, weights=train)
         except ValueError as e:
             raise ConfigError(str(e)) from None
         if unet.config.in_channels != channels:
             raise ConfigError(f"ldm.weights: the UNet reads {unet.config.in_channels} latent channels, the VAE gives {channels}")
-        self.model = FMRILDM(encoder, unet, ldm.n_context)
+        self.model = FMRILDM(encoder, unet, ldm.n_context, ldm.conditioning)
         set_trainable(self.model)
         self.voxel_fit = self.model.voxel_fit(self.data.n_voxels)
         self.train_schedule = DDPMScheduler.from_config(self.schedule)
