@@ -16,7 +16,7 @@ from diffusers import DDPMScheduler, UNet2DConditionModel, VQModel
 
 from data.pretrained_weights import WeightsError, WeightsMissing
 from data.released_pickle import load_released
-from models.ldm_keys import unet_to_diffusers, vq_model
+from models.ldm_keys import first_stage_levels, unet_to_diffusers, vq_model
 from models.mindvis_keys import TIME_PREFIX, diffusers_unet_config, unet_params
 from models.strict_load import StateMismatch
 
@@ -68,8 +68,8 @@ def load_unet(weights: str, flag: str, conditioning: str, sample_size: int, cont
         if params["context_dim"] != context_dim:
             raise StateMismatch(f"the UNet's context width is {params['context_dim']}, but ldm.context_dim is "
                                 f"{context_dim}; set ldm.context_dim to it")
-        vq = vq_model(state)
-        config = diffusers_unet_config(params, [1] * len(vq.config.block_out_channels), sample_size, conditioning)
+        levels = first_stage_levels(state)
+        config = diffusers_unet_config(params, [1] * levels, sample_size, conditioning)
         unet = UNet2DConditionModel.from_config(config)
         if with_weights:
             own = {k: v for k, v in state.items() if not k.startswith(TIME_PREFIX)}

@@ -78,6 +78,11 @@ def _levels(state: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
+def first_stage_levels(state: dict[str, torch.Tensor]) -> int:
+    """The resolution levels of a CompVis first stage's encoder (its downsampling factor is 2^(levels - 1))."""
+    return _levels(state, FIRST_STAGE_PREFIX + "encoder.down.")
+
+
 def vq_model(state: dict[str, torch.Tensor]) -> VQModel:
     """diffusers' VQModel with the weights of a CompVis VQ first stage (`first_stage_model.*`): its sizes
     from the entries, scaling factor 1 (LatentDiffusion's default `scale_factor`, which MinD-Vis keeps),
@@ -89,7 +94,7 @@ def vq_model(state: dict[str, torch.Tensor]) -> VQModel:
     if any(k.startswith(p + "down.") and ".attn." in k for k in state):
         raise StateMismatch("the VQ encoder has attention in its down blocks (attn_resolutions), which diffusers' "
                             "VQModel has not")
-    levels = _levels(state, p + "down.")
+    levels = first_stage_levels(state)
     widths = [state[p + f"down.{i}.block.0.conv2.weight"].shape[0] for i in range(levels)]
     codebook = state[FIRST_STAGE_PREFIX + VQ_CODEBOOK]
     vq = VQModel(in_channels=state[p + "conv_in.weight"].shape[1],

@@ -126,7 +126,8 @@ def _mindvis(path: Path, state: dict[str, torch.Tensor], record) -> _Released:
     """A MinD-Vis / DC-MAE file's weights for the mbm or fmri_ldm recipe (see the module docstring)."""
     if is_mindvis_ldm(state):
         layout = stage_b_layout(state)
-        unet = UNet2DConditionModel.from_config(diffusers_unet_config(layout.unet, [1], 8, "mind_vis"))
+        with torch.device("meta"):  # only its names and shapes: the conversion's target
+            unet = UNet2DConditionModel.from_config(diffusers_unet_config(layout.unet, [1], 8, "mind_vis"))
         fields = layout.encoder.overrides("encoder.model")  # heads: not in the file, MinD-Vis' DEFAULT_HEADS
         ours, buffers = from_mindvis_ldm(state, unet)
         return _Released(ours, recipe="fmri_ldm", buffers=buffers, overrides=(
