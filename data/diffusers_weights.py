@@ -7,29 +7,22 @@ Each reader takes the value of a config key and the key itself (`flag`): a folde
 for the tiny random models of tests and the simulated dataset. A folder without a part it
 needs (or a config without its weight files: never a randomly initialised model) raises
 `WeightsMissing`, one line naming the path and the key.
+
+Each reader imports the diffusers classes and generator models it builds: together they take
+seconds to import, which every process that imports a recipe (every training rank) would
+otherwise pay.
 """
 from __future__ import annotations
 
 from pathlib import Path
-
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    DDPMScheduler,
-    StableDiffusionImg2ImgPipeline,
-    UNet2DConditionModel,
-    UniPCMultistepScheduler,
-)
+from typing import TYPE_CHECKING
 
 from data.pretrained_weights import WeightsError, WeightsMissing
-from models.fmri_ldm import class_embedding
-from models.image_variation import (
-    SD_SCHEDULE,
-    BrainImageVariation,
-    tiny_image_variation,
-    tiny_vae,
-)
-from models.stable_diffusion import img2img_pipeline, tiny_stable_diffusion
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, StableDiffusionImg2ImgPipeline, UNet2DConditionModel
+
+    from models.image_variation import BrainImageVariation
 
 GENERATOR = "a local Versatile Diffusion or Stable Diffusion folder"
 STABLE_DIFFUSION = "a local Stable Diffusion v1.4 diffusers folder"
@@ -54,6 +47,9 @@ def _from_folder(cls, path: str, hint: str, **kwargs):
 
 def load_vae(path: str, flag: str = "vae.weights", seed: int = 0, sample_size: int = 16) -> AutoencoderKL:
     """The VAE of a local diffusers folder (its vae/ subfolder), or "random" (`tiny_vae`)."""
+    from diffusers import AutoencoderKL
+
+    from models.image_variation import tiny_vae
     if path == "random":
         return tiny_vae(sample_size, seed)
     if not (Path(path) / "vae" / "config.json").is_file():
@@ -69,6 +65,9 @@ def load_image_variation(path: str, flag: str = "generation.weights", cross_atte
     `flag` is the config key that set `path`, named in errors. The scheduler is UniPC on the
     folder's noise schedule, as MindEye 1 used with Versatile Diffusion.
     """
+    from diffusers import UNet2DConditionModel, UniPCMultistepScheduler
+
+    from models.image_variation import BrainImageVariation, tiny_image_variation
     if path == "random":
         if cross_attention_dim is None:
             raise ValueError(f"{flag}=random needs cross_attention_dim (the CLIP token width)")
@@ -98,6 +97,9 @@ def load_stable_diffusion(path: str, flag: str = "sd.weights", seed: int = 0,
     """A local Stable Diffusion diffusers folder as `img2img_pipeline` (DDIM on the folder's
     noise schedule), or "random" (`tiny_stable_diffusion`); `flag` is the config key that set
     `path`, named in errors."""
+    from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
+
+    from models.stable_diffusion import img2img_pipeline, tiny_stable_diffusion
     if path == "random":
         return tiny_stable_diffusion(seed, sample_size)
     hint = _hint(flag, STABLE_DIFFUSION)
@@ -128,6 +130,9 @@ def load_ldm_unet(path: str, flag: str, context_dim: int, conditioning: str = "p
     """The UNet of a local diffusers folder with the new class embedding of `conditioning`
     (`models.fmri_ldm.class_embedding`); every other weight must load. `weights=False` builds
     it from its config only (the caller loads a fine-tuned state)."""
+    from diffusers import UNet2DConditionModel
+
+    from models.fmri_ldm import class_embedding
     config = UNet2DConditionModel.load_config(Path(path) / "unet")
     if config.get("cross_attention_dim") != context_dim:
         raise WeightsError(f"{path}/unet: cross_attention_dim is {config.get('cross_attention_dim')}, but "
@@ -151,6 +156,9 @@ def load_ldm_unet(path: str, flag: str, context_dim: int, conditioning: str = "p
 
 def ldm_noise_schedule(path: str) -> dict:
     """The training noise schedule: the folder's scheduler config, or Stable Diffusion's for 'random'."""
+    from diffusers import DDPMScheduler
+
+    from models.image_variation import SD_SCHEDULE
     if path == "random":
         return dict(SD_SCHEDULE)
     config = dict(DDPMScheduler.load_config(Path(path) / "scheduler"))

@@ -17,6 +17,7 @@ so `--resume` replays the batches an uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 from typing import Iterator
 
@@ -76,6 +77,9 @@ class MemoryLoader:
                 })
             yield micro_batches
 
+    def close(self) -> None:
+        """Nothing to release: the split is plain memory."""
+
 
 def _stream_collate(seed: int):
     def collate(samples: list[dict]) -> dict:
@@ -87,6 +91,29 @@ def _stream_collate(seed: int):
                 "labels": torch.stack([torch.as_tensor(s["labels"]) for s in samples]),
                 "subjects": torch.tensor([s["subject"] for s in samples])}
     return collate
+
+
+def _freeze_inherited_heap(worker_id: int) -> None:
+    """Workers are forked, so they inherit the parent's uncollected garbage, such as an earlier pass's
+    DataLoader iterator. Collecting it in the worker runs the parent's finalizers there, which fail
+    ("can only test a child process"); and on Python 3.11 before 3.11.8, an exception hook that
+    formats the failure while numpy parses an .npy header re-enters the AST builder and fails the
+    batch ("AST constructor recursion depth mismatch"). Frozen, the inherited objects stay the
+    parent's to collect."""
+    gc.freeze()
+
+
+def _stream_micro_batches(dataset, micro: int, num_workers: int, seed: int) -> Iterator[dict]:
+    def passes():
+        for epoch in itertools.count():  # each pass reshuffles the shards; ranks never run dry together
+            # Workers send lists of a micro-batch's samples: one message each, not one per sample.
+            loader = DataLoader(dataset, batch_size=micro, collate_fn=list, num_workers=num_workers,
+                                worker_init_fn=_freeze_inherited_heap)
+            yield from ({**s, "epoch": epoch} for group in loader for s in group)
+    it = iter(passes())
+    collate = _stream_collate(seed)
+    while True:
+        yield collate(list(itertools.islice(it, micro)))
 
 
 class StreamLoader:
@@ -101,21 +128,11 @@ class StreamLoader:
         self._stream: Iterator[dict] | None = None
         self._position = 0  # micro-batches consumed
 
-    def _micro_batches(self) -> Iterator[dict]:
-        def passes():
-            for epoch in itertools.count():  # each pass reshuffles the shards; ranks never run dry together
-                # Workers send lists of a micro-batch's samples: one message each, not one per sample.
-                loader = DataLoader(self.dataset, batch_size=self.micro, collate_fn=list, num_workers=self.num_workers)
-                yield from ({**s, "epoch": epoch} for group in loader for s in group)
-        it = iter(passes())
-        collate = _stream_collate(self.seed)
-        while True:
-            yield collate(list(itertools.islice(it, self.micro)))
-
     def epoch(self, epoch: int, start_step: int = 0) -> Iterator[list[dict]]:
         target = (epoch * self.steps_per_epoch + start_step) * self.grad_accum
         if self._stream is None or self._position > target:
-            self._stream, self._position = self._micro_batches(), 0
+            self.close()
+            self._stream = _stream_micro_batches(self.dataset, self.micro, self.num_workers, self.seed)
         for _ in range(target - self._position):  # replay up to the resume point
             next(self._stream)
         self._position = target
@@ -123,3 +140,10 @@ class StreamLoader:
             batch = [next(self._stream) for _ in range(self.grad_accum)]
             self._position += self.grad_accum
             yield batch
+
+    def close(self) -> None:
+        """Stops the workers now. Left to the garbage collector, a suspended DataLoader iterator
+        waits 5 s for each worker: the collector closes its queues before it runs its shutdown."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._position = None, 0

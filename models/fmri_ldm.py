@@ -35,7 +35,7 @@ from diffusers.models.attention import BasicTransformerBlock
 from torch import nn
 
 from models.image_variation import decode_latents
-from models.mbm import MaskedBrainModel, fit_voxels, voxel_fit
+from models.mbm import MaskedBrainModel, fit_voxels, strip_decoder, voxel_fit
 
 N_CONTEXT = 77  # context tokens, as the text encoders the LDM UNets were built for
 SAMPLERS = ("plms", "ddim")
@@ -77,14 +77,6 @@ class MindVisConditioning(nn.Module):
 
 
 CONDITIONINGS = {"pooled": PooledConditioning, "mind_vis": MindVisConditioning}
-
-
-def strip_decoder(mae: MaskedBrainModel) -> MaskedBrainModel:
-    """Drop the MAE's decoder (unused here) so that it is neither stored nor trained."""
-    for name in ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred"):
-        setattr(mae, name, None)
-    mae.mask_token = None
-    return mae
 
 
 class FMRILDM(nn.Module):

@@ -71,3 +71,12 @@ class MaskedBrainModel(MaskedAutoencoder):
     def patchify(self, voxels: torch.Tensor) -> torch.Tensor:
         """[B, V] -> wrap-padded patches [B, n_patches, patch_size]."""
         return wrap_pad(voxels, self.padded_voxels).view(len(voxels), self.n_patches, self.patch_size)
+
+
+def strip_decoder(mae: MaskedBrainModel) -> MaskedBrainModel:
+    """The encoder alone (as the LDM's conditioning uses it): the decoder is dropped, so that it is
+    neither stored nor trained."""
+    for name in ("decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred"):
+        setattr(mae, name, None)
+    mae.mask_token = None
+    return mae

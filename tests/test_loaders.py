@@ -1,5 +1,10 @@
+import gc
+import multiprocessing
+import os
+import sys
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
@@ -127,3 +132,53 @@ def test_selecting_sessions_needs_recorded_sessions_and_the_memory_loader(small_
             data(f"data.loader={loader}").loader(0, 1, **kwargs)
     with pytest.raises(ConfigError, match="data.sessions=0: expected at least 1"):
         data("data.sessions=0")
+
+
+class _CollectingDataset(torch.utils.data.IterableDataset):
+    """Samples in the stream's format; each worker first runs a full collection and records in
+    `folder` every exception a finalizer raised during it."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def __iter__(self):
+        def record(u):
+            with open(self.folder / f"unraisable-{os.getpid()}.txt", "a") as f:
+                f.write(f"{u.exc_type.__name__}: {u.exc_value}\n")
+        sys.unraisablehook = record
+        gc.collect()
+        for i in range(64):
+            yield {"voxels": np.zeros((1, 4), np.float32), "image_id": i, "labels": np.zeros(2, np.float32), "subject": 1}
+
+
+def test_stream_workers_leave_the_parents_garbage_to_the_parent(tmp_path):
+    """A forked worker inherits garbage such as an earlier stream's iterator with live workers;
+    collecting it there runs DataLoader's finalizer in a process that does not own those workers."""
+    was_enabled = gc.isenabled()
+    gc.disable()  # keep the garbage uncollected in this process until the next stream forks
+    try:
+        earlier = StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0, num_workers=1)
+        next(earlier.epoch(0))  # its worker is alive
+        holder = [earlier]
+        holder.append(holder)  # garbage in a cycle, with a suspended pass inside
+        del earlier, holder
+        later = StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0, num_workers=1)
+        batch = next(later.epoch(0))
+    finally:
+        if was_enabled:
+            gc.enable()
+        gc.collect()
+    assert batch[0]["voxels"].shape == (8, 4)
+    assert [p.read_text() for p in tmp_path.glob("unraisable-*.txt")] == []
+
+
+def test_closing_a_stream_stops_its_workers_and_a_new_epoch_restarts_it(tmp_path):
+    others = set(multiprocessing.active_children())
+    loader = StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0, num_workers=2)
+    first = next(loader.epoch(0))
+    workers = set(multiprocessing.active_children()) - others
+    assert len(workers) == 2
+    loader.close()
+    assert not any(w.is_alive() for w in workers)
+    assert torch.equal(next(loader.epoch(0))[0]["image_ids"], first[0]["image_ids"])
+    loader.close()

@@ -33,7 +33,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 from omegaconf import DictConfig
 
 from data.files import load_tensors
@@ -41,16 +40,6 @@ from data.released_pickle import load_released
 from models.errors import InputError
 from models.mindeye1_keys import from_mindeye1, is_mindeye1
 from models.mindeye2_keys import Layout, from_mindeye2, is_mindeye2, subjects_from_name
-from models.mindvis_keys import (
-    MAELayout,
-    diffusers_unet_config,
-    from_fmri_mae,
-    from_mindvis_ldm,
-    is_fmri_mae,
-    is_mindvis_ldm,
-    split_cross,
-    stage_b_layout,
-)
 from models.strict_load import StateMismatch, load_strict
 from train import config
 
@@ -122,8 +111,22 @@ class _Released:
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # ... and its position tables
 
 
-def _mindvis(path: Path, state: dict[str, torch.Tensor], record) -> _Released:
-    """A MinD-Vis / DC-MAE file's weights for the mbm or fmri_ldm recipe (see the module docstring)."""
+def _mindvis(path: Path, state: dict[str, torch.Tensor], record) -> _Released | None:
+    """A MinD-Vis / DC-MAE file's weights for the mbm or fmri_ldm recipe (see the module docstring), or
+    None for another file. Imported here: the key maps bring diffusers, seconds of import in every
+    process that loads this module, and training processes never read such files."""
+    from diffusers import UNet2DConditionModel
+
+    from models.mindvis_keys import (
+        MAELayout,
+        diffusers_unet_config,
+        from_fmri_mae,
+        from_mindvis_ldm,
+        is_fmri_mae,
+        is_mindvis_ldm,
+        split_cross,
+        stage_b_layout,
+    )
     if is_mindvis_ldm(state):
         layout = stage_b_layout(state)
         with torch.device("meta"):  # only its names and shapes: the conversion's target
@@ -133,6 +136,8 @@ def _mindvis(path: Path, state: dict[str, torch.Tensor], record) -> _Released:
         return _Released(ours, recipe="fmri_ldm", buffers=buffers, overrides=(
             f"ldm.weights={path}", "ldm.conditioning=mind_vis", f"encoder.checkpoint={path}", *fields,
             f"ldm.context_dim={layout.context_dim}", f"ldm.n_context={layout.n_context}"))
+    if not is_fmri_mae(state):
+        return None
     mae, cross = split_cross(state)
     if cross:
         logger.info("%s: DC-MAE phase 2's cross-attention entries (%d) are not part of the fMRI MAE; not read",
@@ -158,11 +163,9 @@ def _released_state(path: Path, what: str) -> _Released:
             return _Released(from_mindeye1(state))
         if is_mindeye2(state):
             return _Released(from_mindeye2(state), Layout.of(state))
-        if is_fmri_mae(state) or is_mindvis_ldm(state):
-            return _mindvis(path, state, record)
+        return _mindvis(path, state, record) or _Released(state)
     except (KeyError, StateMismatch) as e:
         raise CheckpointError(f"{path}: {e.args[0]}") from None
-    return _Released(state)
 
 
 def _weights_file(path: Path, config_path: Path | None, overrides: list[str]) -> Checkpoint:

@@ -268,6 +268,7 @@ def run(cfg: DictConfig, recipe_cls, ds_config_path: Path, resume: bool = False,
             if step >= last:
                 break
     bar.close()
+    recipe.loader.close()  # a stream's workers are not needed for checkpointing and testing
     latest = ckpt_dir / "latest"
     if not (latest.is_file() and latest.read_text().strip() == f"step{step:08d}"):  # a resumed finished run has it
         save()

@@ -42,7 +42,7 @@ class Recipe(Protocol):
 class Trained(Recipe, Protocol):
     """Trained by train/engine.py: DeepSpeed, the optimizer, checkpoints and resume are the
     engine's; the recipe gives the batch stream and the loss."""
-    loader: Any  # data.loaders.MemoryLoader or StreamLoader: `steps_per_epoch`, `epoch(epoch, start_step)`
+    loader: Any  # data.loaders.MemoryLoader or StreamLoader: `steps_per_epoch`, `epoch(epoch, start_step)`, `close()`
 
     def loss(self, engine, batch: dict, step: int, epoch: int) -> tuple[torch.Tensor, dict[str, float]]:
         """The loss of one micro-batch, and the values to log (including "loss")."""

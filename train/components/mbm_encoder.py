@@ -10,8 +10,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from models.fmri_ldm import strip_decoder
-from models.mbm import MaskedBrainModel
+from models.mbm import MaskedBrainModel, strip_decoder
 from models.strict_load import load_strict
 from train.checkpoint import CheckpointError, load_checkpoint, set_buffers
 
