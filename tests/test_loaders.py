@@ -2,6 +2,7 @@ import gc
 import multiprocessing
 import os
 import sys
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -154,16 +155,22 @@ class _CollectingDataset(torch.utils.data.IterableDataset):
 def test_stream_workers_leave_the_parents_garbage_to_the_parent(tmp_path):
     """A forked worker inherits garbage such as an earlier stream's iterator with live workers;
     collecting it there runs DataLoader's finalizer in a process that does not own those workers."""
+    class Cycle:
+        pass
+
     was_enabled = gc.isenabled()
     gc.disable()  # keep the garbage uncollected in this process until the next stream forks
     try:
-        earlier = StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0, num_workers=1)
-        next(earlier.epoch(0))  # its worker is alive
-        holder = [earlier]
-        holder.append(holder)  # garbage in a cycle, with a suspended pass inside
-        del earlier, holder
+        garbage = Cycle()
+        garbage.me, garbage.loader = garbage, StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0,
+                                                           num_workers=1)
+        next(garbage.loader.epoch(0))  # its worker is alive
+        ref = weakref.ref(garbage)
+        del garbage
         later = StreamLoader(_CollectingDataset(tmp_path), 64, 8, 1, 1, seed=0, num_workers=1)
         batch = next(later.epoch(0))
+        later.close()
+        ref().loader.close()  # still uncollected: stopped here rather than by the collector
     finally:
         if was_enabled:
             gc.enable()
