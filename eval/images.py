@@ -27,7 +27,7 @@ from eval.resize import resize
 from models.errors import InputError
 
 SIZE = 256
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # image files read from folders
 _NAME = re.compile(r"^(\d+)(?:_(\d+))?$")
 
 

@@ -48,6 +48,7 @@ from data.files import atomic_write_text  # noqa: E402
 from data.shards import decode_image, encode_png  # noqa: E402
 from data.targets import cached_targets, stimuli_at  # noqa: E402
 from eval.features import SPECS  # noqa: E402
+from eval.images import IMAGE_SUFFIXES  # noqa: E402
 from eval.main import options  # noqa: E402
 from eval.report import score_checkpoint  # noqa: E402
 from eval.retrieval_index import open_index, write_index_folder  # noqa: E402
@@ -56,7 +57,6 @@ from models.errors import ConfigError, InputError  # noqa: E402
 from train import registry  # noqa: E402  (the one use of train/: recipes by name)
 
 KINDS = ("exact", "ivfpq", "hnsw")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STIMULUS = "stimulus:"  # image_path of a dataset stimulus in a pool: "stimulus:<image id>"
 
 
